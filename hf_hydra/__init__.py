@@ -1,0 +1,17 @@
+"""hf_hydra: Hydra speculative decoding (sequentially dependent draft heads) for Hugging Face causal LMs.
+
+Importing the package registers model type "hydra" with `AutoConfig` and `AutoModelForCausalLM`.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_hydra import HydraConfig
+from .decoding import HydraGenerateOutput, SpeculationStats
+from .modeling_hydra import HydraForCausalLM
+
+__version__ = "0.1.0"
+
+AutoConfig.register("hydra", HydraConfig)
+AutoModelForCausalLM.register(HydraConfig, HydraForCausalLM)
+
+__all__ = ["HydraConfig", "HydraForCausalLM", "HydraGenerateOutput", "SpeculationStats", "__version__"]

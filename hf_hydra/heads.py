@@ -1,0 +1,279 @@
+"""Draft heads: Medusa (independent), Hydra (sequentially dependent) and Hydra++ (+ prefix layer).
+
+All three share one call signature, `heads(head_index, context, path_embeds) -> logits`, and one
+`encode_context` step that turns the base model's post-norm hidden states of *verified* tokens into
+the context vector the heads read (identity for Medusa and Hydra, the prefix decoder layer for
+Hydra++). Heads hold no decoding logic; `drafting.py` decides which paths to extend.
+
+Notation (method.md): d hidden size, V vocabulary, h_t the base's post-norm hidden state at t,
+E the base's frozen input embedding. Head i (0-based) predicts the token i + 2 positions after t.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from .configuration_hydra import HydraConfig
+from .tree import causal_mask
+
+
+class ResBlock(nn.Module):
+    """`x + SiLU(W x + b)`, with W zero-initialised so a fresh block is the identity."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class ProjectedResBlock(nn.Module):
+    """Hydra's first block: `R x + SiLU(W x + b)` from the concatenated input (width d * (i + 2)) to d.
+
+    R starts as the projection onto the first d inputs (the context vector) and W at zero, so a fresh
+    head reads the context vector unchanged, like a fresh Medusa head.
+    """
+
+    def __init__(self, in_width: int, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_width, width)
+        self.res_connection = nn.Linear(in_width, width)
+        nn.init.zeros_(self.linear.weight)
+        with torch.no_grad():
+            self.res_connection.weight.copy_(torch.eye(width, in_width))
+            self.res_connection.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res_connection(x) + nn.functional.silu(self.linear(x))
+
+
+class DraftHead(nn.Module):
+    """One head: residual blocks, then (optionally) its own projection to the draft vocabulary."""
+
+    def __init__(self, blocks: list[nn.Module], output: nn.Linear | None, dropout: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)  # each block a separate module: no weight tying
+        self.output = output
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(self.dropout(x))
+        return self.dropout(x)
+
+
+class PrefixLayer(nn.Module):
+    """Hydra++: one randomly initialised decoder layer of the base architecture plus a final norm,
+    run causally over the hidden states of verified tokens with its own KV cache."""
+
+    def __init__(self, base: PreTrainedModel) -> None:
+        super().__init__()
+        decoder = base.get_decoder()
+        self.layer = type(decoder.layers[0])(base.config, layer_idx=0)
+        self.norm = type(decoder.norm)(base.config.hidden_size, eps=_norm_eps(base.config))
+        self.rotary_emb = type(decoder.rotary_emb)(config=base.config)  # buffers only, none persistent
+
+    def forward(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
+    ) -> torch.Tensor:
+        """hidden (B, n, d) of n new verified tokens at `position_ids` (B, n) -> (B, n, d)."""
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)  # (1, 1, n, past + n)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        out = self.layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=position_embeddings,
+        )
+        return self.norm(out)
+
+
+def _norm_eps(config) -> float:
+    for name in ("rms_norm_eps", "layer_norm_eps", "norm_eps"):
+        if getattr(config, name, None) is not None:
+            return float(getattr(config, name))
+    return 1e-6
+
+
+class DraftHeads(nn.Module):
+    """Base class: a list of heads and their projection to the (draft) vocabulary.
+
+    `draft_token_ids` (K,) maps draft-vocabulary rows to base token ids when
+    `vocab_projection == "draft_vocab"`; it is None when the heads project onto the whole vocabulary.
+    """
+
+    sequential: bool = False  # whether head i reads the embeddings of the tokens drafted before it
+    output_bias: bool = True
+
+    def __init__(
+        self, config: HydraConfig, base: PreTrainedModel, draft_token_ids: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        d = config.base_hidden_size
+        base_output = base.get_output_embeddings().weight  # (V, d)
+        if config.vocab_projection == "draft_vocab":
+            draft_token_ids = _check_draft_token_ids(draft_token_ids, config)
+            self.register_buffer("draft_token_ids", draft_token_ids)
+            output_init = base_output[draft_token_ids]  # (K, d)
+        else:
+            self.draft_token_ids = None
+            output_init = base_output
+        if config.vocab_projection == "shared":
+            # A view of the frozen base lm_head: used, never saved or trained.
+            self.register_buffer("shared_output_weight", base_output.detach(), persistent=False)
+        self.heads = nn.ModuleList(
+            DraftHead(
+                blocks=self._blocks(i, d),
+                output=self._output(output_init, config.vocab_projection),
+                dropout=config.dropout if config.head_arch == "hydra++" else 0.0,
+            )
+            for i in range(config.num_heads)
+        )
+
+    def _blocks(self, head_index: int, d: int) -> list[nn.Module]:
+        return [ResBlock(d) for _ in range(self.config.num_layers)]
+
+    def _output(self, init_weight: torch.Tensor, vocab_projection: str) -> nn.Linear | None:
+        if vocab_projection == "shared":
+            return None
+        rows, d = init_weight.shape
+        output = nn.Linear(d, rows, bias=self.output_bias)
+        with torch.no_grad():
+            output.weight.copy_(init_weight)
+            if output.bias is not None:
+                output.bias.zero_()
+        return output
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def encode_context(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
+    ) -> torch.Tensor:
+        """Post-norm base hidden states of verified tokens (B, n, d) -> context vectors (B, n, d)."""
+        return hidden
+
+    def new_context_cache(self) -> DynamicCache | None:
+        """The cache `encode_context` needs across decoding steps (None when it is stateless)."""
+        return None
+
+    def forward(
+        self, head_index: int, context: torch.Tensor, path_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of head `head_index` over the draft vocabulary.
+
+        context: (..., d); path_embeds: (..., head_index + 1, d), the embeddings of the base token and of
+        the tokens drafted by heads 0..head_index-1 on each path (ignored by Medusa). -> (..., V or K)
+        """
+        head = self.heads[head_index]
+        features = head.features(self._head_input(head_index, context, path_embeds))  # (..., d)
+        if head.output is None:
+            return features @ self.shared_output_weight.T
+        return head.output(features)
+
+    def _head_input(
+        self, head_index: int, context: torch.Tensor, path_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        return context
+
+    def teacher_forced_logits(self, context: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """Every head at every position, reading the true next tokens (training).
+
+        context: (B, T, d); token_embeds: (B, T, d) = E(x) of the sequence. Head i at t reads
+        E(x_{t+1}), ..., E(x_{t+i+1}); past the end of the sequence zeros stand in (no target there).
+        -> (B, H, T, V or K)
+        """
+        future = _future_embeds(token_embeds, self.num_heads) if self.sequential else None  # (B, T, H, d)
+        return torch.stack(
+            [self(i, context, None if future is None else future[:, :, : i + 1]) for i in range(self.num_heads)],
+            dim=1,
+        )
+
+
+def _future_embeds(token_embeds: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, d) -> (B, T, H, d) whose [:, t, j] is token_embeds[:, t + j + 1] (zeros past the end)."""
+    shifted = [nn.functional.pad(token_embeds[:, j + 1 :], (0, 0, 0, j + 1)) for j in range(num_heads)]
+    return torch.stack(shifted, dim=2)
+
+
+class MedusaHeads(DraftHeads):
+    """Medusa: head i reads h_t only; ResBlocks then `Linear(d, V, bias=False)`."""
+
+    output_bias = False
+
+
+class HydraHeads(DraftHeads):
+    """Hydra: head i reads `cat(h_t, E(x_{t+1}), ..., E(x_{t+i+1}))` (width d * (i + 2))."""
+
+    sequential = True
+
+    def _blocks(self, head_index: int, d: int) -> list[nn.Module]:
+        first = ProjectedResBlock(d * (head_index + 2), d)
+        return [first] + [ResBlock(d) for _ in range(self.config.num_layers - 1)]
+
+    def _head_input(
+        self, head_index: int, context: torch.Tensor, path_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        if path_embeds is None or path_embeds.shape[-2] != head_index + 1:
+            got = None if path_embeds is None else tuple(path_embeds.shape)
+            raise ValueError(
+                f"Hydra head {head_index} needs the embeddings of {head_index + 1} path tokens "
+                f"(shape (..., {head_index + 1}, d)), got {got}."
+            )
+        flat = path_embeds.flatten(-2)  # (..., (i + 1) * d)
+        return torch.cat([context, flat], dim=-1)  # (..., (i + 2) * d)
+
+
+class HydraPlusPlusHeads(HydraHeads):
+    """Hydra++: Hydra heads with dropout, reading the output of a prefix decoder layer instead of h_t."""
+
+    def __init__(
+        self, config: HydraConfig, base: PreTrainedModel, draft_token_ids: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(config, base, draft_token_ids)
+        self.prefix_layer = PrefixLayer(base)
+
+    def encode_context(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
+    ) -> torch.Tensor:
+        return self.prefix_layer(hidden, position_ids, cache)
+
+    def new_context_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+
+HEAD_CLASSES: dict[str, type[DraftHeads]] = {
+    "medusa": MedusaHeads,
+    "hydra": HydraHeads,
+    "hydra++": HydraPlusPlusHeads,
+}
+
+
+def build_heads(
+    config: HydraConfig, base: PreTrainedModel, draft_token_ids: torch.Tensor | None = None
+) -> DraftHeads:
+    """The registry: the head class of `config.head_arch`, built for `base`."""
+    return HEAD_CLASSES[config.head_arch](config, base, draft_token_ids)
+
+
+def _check_draft_token_ids(draft_token_ids: torch.Tensor | None, config: HydraConfig) -> torch.Tensor:
+    if draft_token_ids is None:
+        # Placeholder filled by `load_state_dict` when loading saved heads; fresh heads must pass ids.
+        return torch.arange(config.draft_vocab_size)
+    ids = torch.as_tensor(draft_token_ids, dtype=torch.long).flatten()
+    if ids.numel() != config.draft_vocab_size:
+        raise ValueError(f"draft_token_ids has {ids.numel()} ids but draft_vocab_size={config.draft_vocab_size}.")
+    if ids.unique().numel() != ids.numel() or ids.min() < 0 or ids.max() >= config.base_vocab_size:
+        raise ValueError(
+            f"draft_token_ids must be {config.draft_vocab_size} distinct token ids in [0, {config.base_vocab_size})."
+        )
+    return ids

@@ -1,0 +1,272 @@
+"""HydraForCausalLM: a frozen Hugging Face causal LM plus trainable draft heads.
+
+Loading is explicit first, as in PEFT: `HydraForCausalLM.from_pretrained(heads, base_model=base)`;
+without `base_model` the base named in the heads' config is loaded. Saving writes the heads only.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.generation import StoppingCriteriaList, StopStringCriteria
+from transformers.utils import ModelOutput, cached_file
+
+from .configuration_hydra import HydraConfig
+from .decoding import tree_speculative_generate
+from .heads import DraftHeads, build_heads
+from .tree import TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
+
+HEADS_WEIGHTS_NAME = "model.safetensors"
+_HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "subfolder")
+
+
+@dataclass
+class HydraOutput(ModelOutput):
+    """What training needs from one forward over (B, T) tokens."""
+
+    logits: torch.Tensor | None = None  # (B, T, V) base next-token logits
+    hidden_states: torch.Tensor | None = None  # (B, T, d) base post-norm last hidden states
+    head_logits: torch.Tensor | None = None  # (B, H, T, V or K): head i at t predicts token t + i + 2
+
+
+class HydraForCausalLM(PreTrainedModel, GenerationMixin):
+    """Draft heads (`self.heads`) on a frozen base causal LM (`self.base_lm`).
+
+    Create fresh heads with `from_base`, load saved ones with `from_pretrained`, decode faster with
+    `generate(..., speculative=True)` (greedy output identical to plain `generate`).
+    """
+
+    config_class = HydraConfig
+    _supports_sdpa = True
+
+    def __init__(
+        self, config: HydraConfig, base_model: PreTrainedModel, draft_token_ids: torch.Tensor | None = None
+    ) -> None:
+        check_base_compatible(config, base_model)
+        super().__init__(config)
+        self.heads: DraftHeads = build_heads(config, base_model, draft_token_ids).to(base_model.dtype)
+        self.post_init()
+        # Attached after post_init, and not named `base_model` (a PreTrainedModel property).
+        self.base_lm = base_model
+        self.base_lm.requires_grad_(False)
+        self.generation_config = speculative_generation_config(base_model.generation_config, config)
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Heads initialise themselves (identity blocks, projections copied from the base lm_head)."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction, loading, saving
+
+    @classmethod
+    def from_base(
+        cls,
+        base_model: PreTrainedModel,
+        head_arch: str = "hydra",
+        num_heads: int = 4,
+        draft_token_ids: torch.Tensor | None = None,
+        **config_kwargs,
+    ) -> HydraForCausalLM:
+        """Fresh (untrained) heads on an already loaded base model."""
+        if config_kwargs.get("vocab_projection") == "draft_vocab" and draft_token_ids is None:
+            raise ValueError(
+                "vocab_projection='draft_vocab' needs draft_token_ids: the K most frequent target token ids "
+                "of your training data, as a 1-D tensor."
+            )
+        if draft_token_ids is not None:
+            config_kwargs.setdefault("draft_vocab_size", int(torch.as_tensor(draft_token_ids).numel()))
+        text_config = base_model.config.get_text_config()
+        config = HydraConfig(
+            base_model_name_or_path=config_kwargs.pop("base_model_name_or_path", base_model.name_or_path),
+            base_model_revision=config_kwargs.pop("base_model_revision", _base_revision(base_model)),
+            base_hidden_size=text_config.hidden_size,
+            base_vocab_size=base_model.get_output_embeddings().weight.shape[0],
+            head_arch=head_arch,
+            num_heads=num_heads,
+            **config_kwargs,
+        )
+        return cls(config, base_model, draft_token_ids)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        base_model: PreTrainedModel | None = None,
+        config: HydraConfig | None = None,
+        **kwargs,
+    ) -> HydraForCausalLM:
+        """Load heads from a folder or Hub repo; the base comes from `base_model` or from the config.
+
+        Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the heads; other
+        keyword arguments (e.g. `dtype`, `device_map`) go to the base model's `from_pretrained`.
+        """
+        if model_args:
+            raise TypeError("HydraForCausalLM.from_pretrained takes no extra positional arguments.")
+        hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        source = str(pretrained_model_name_or_path)
+        if config is None:
+            config = HydraConfig.from_pretrained(source, **hub_kwargs)
+        if base_model is None:
+            base_model = _load_base(config, hub_kwargs.get("token"), **kwargs)
+        weights = _load_heads_state(source, hub_kwargs)
+        model = cls(config, base_model, weights.get("heads.draft_token_ids"))
+        _load_heads_weights(model, weights, source)
+        model.generation_config = _load_generation_config(source, hub_kwargs, base_model, config)
+        return model.eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write `config.json`, `generation_config.json` and the heads' `model.safetensors`; never base weights."""
+        kwargs.pop("state_dict", None)
+        if kwargs.pop("safe_serialization", True) is False:
+            raise ValueError("hf_hydra saves safetensors only; drop safe_serialization=False.")
+        heads_state = {f"heads.{k}": v.contiguous() for k, v in self.heads.state_dict().items()}
+        super().save_pretrained(save_directory, state_dict=heads_state, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    # Training forward
+
+    def forward(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **base_kwargs
+    ) -> HydraOutput:
+        """Base logits, base hidden states and every head's logits at every position (teacher forcing:
+        Hydra heads read the embeddings of the true next tokens). input_ids: (B, T)."""
+        with torch.no_grad():
+            out = self.base_lm(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **base_kwargs
+            )
+            hidden = out.hidden_states[-1]  # (B, T, d)
+            token_embeds = self.base_lm.get_input_embeddings()(input_ids)  # (B, T, d)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+        context = self.heads.encode_context(hidden, positions, None)  # (B, T, d)
+        head_logits = self.heads.teacher_forced_logits(context, token_embeds)  # (B, H, T, V or K)
+        return HydraOutput(logits=out.logits, hidden_states=hidden, head_logits=head_logits)
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        speculative: bool = False,
+        tree: TreeSpec | None = None,
+        **kwargs,
+    ) -> torch.LongTensor | ModelOutput:
+        """`speculative=False`: the base model's plain `generate`. `speculative=True`: greedy tree
+        speculative decoding with the heads (same tokens, fewer base forwards). `tree` overrides the
+        default tree of `generation_config.hydra_tree`. With `return_dict_in_generate=True` the output
+        carries `speculation` statistics (steps, tokens, tau)."""
+        if not speculative:
+            return self.base_lm.generate(inputs, **kwargs)
+        if tree is None:
+            tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
+        streamer = kwargs.pop("streamer", None)
+        _move_stop_strings_to_criteria(kwargs, self.base_lm.generation_config)
+        decode = functools.partial(
+            tree_speculative_generate, heads=self.heads, tree=self.tree_buffers(tree), streamer=streamer
+        )
+        return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
+
+    def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
+        """Validated buffers of a tree for these heads (cached per tree)."""
+        return _cached_tree_buffers(resolve_tree(tree, self.config.num_heads), self.config.num_heads)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_tree_buffers(paths: tuple[tuple[int, ...], ...], num_heads: int) -> TreeBuffers:
+    return build_tree_buffers(paths, num_heads)
+
+
+def _move_stop_strings_to_criteria(kwargs: dict, default_config: GenerationConfig) -> None:
+    """`generate(custom_generate=...)` drops the tokenizer, so stop strings become a criterion here."""
+    generation_config = kwargs.get("generation_config") or default_config
+    stop_strings = kwargs.pop("stop_strings", None) or generation_config.stop_strings
+    tokenizer = kwargs.pop("tokenizer", None)
+    if stop_strings is None:
+        return
+    if tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: pass tokenizer=... to generate.")
+    criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    kwargs["stopping_criteria"] = criteria
+    if generation_config.stop_strings is not None:
+        kwargs["generation_config"] = copy.deepcopy(generation_config)
+        kwargs["generation_config"].stop_strings = None
+
+
+def speculative_generation_config(base_config: GenerationConfig, config: HydraConfig) -> GenerationConfig:
+    """The base's generation defaults plus the speculation defaults (`hydra_tree`, `hydra_acceptance`)."""
+    generation_config = copy.deepcopy(base_config)
+    generation_config.hydra_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
+    generation_config.hydra_acceptance = config.acceptance
+    return generation_config
+
+
+def check_base_compatible(config: HydraConfig, base_model: PreTrainedModel) -> None:
+    """Heads only fit a base with their hidden size and vocabulary."""
+    text_config = base_model.config.get_text_config()
+    hidden = text_config.hidden_size
+    vocab = base_model.get_output_embeddings().weight.shape[0]
+    if (config.base_hidden_size, config.base_vocab_size) != (hidden, vocab):
+        raise ValueError(
+            f"These heads were trained for {config.base_model_name_or_path!r} (hidden size "
+            f"{config.base_hidden_size}, vocabulary {config.base_vocab_size}), but the given base model "
+            f"{base_model.name_or_path!r} has hidden size {hidden} and vocabulary {vocab}. Load the base model "
+            "the heads were trained for, or train heads for this one."
+        )
+
+
+def _base_revision(base_model: PreTrainedModel) -> str | None:
+    return getattr(base_model.config, "_commit_hash", None)
+
+
+def _load_base(config: HydraConfig, token: str | None, **kwargs) -> PreTrainedModel:
+    if not config.base_model_name_or_path:
+        raise ValueError("The heads' config names no base model; pass base_model=... to from_pretrained.")
+    return AutoModelForCausalLM.from_pretrained(
+        config.base_model_name_or_path, revision=config.base_model_revision, token=token, **kwargs
+    )
+
+
+def _load_heads_state(source: str, hub_kwargs: dict) -> dict[str, torch.Tensor]:
+    path = cached_file(source, HEADS_WEIGHTS_NAME, **hub_kwargs)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"Could not read the heads' weights {path} ({error}). The file is corrupted or incomplete: "
+            "download it again (force_download=True) or re-save the heads."
+        ) from error
+
+
+def _load_heads_weights(model: HydraForCausalLM, weights: dict[str, torch.Tensor], source: str) -> None:
+    expected = {f"heads.{k}" for k in model.heads.state_dict()}
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"The weights in {source} do not match a {model.config.head_arch!r} head set of this config: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}."
+        )
+    state = {k.removeprefix("heads."): v for k, v in weights.items()}
+    model.heads.load_state_dict(state, strict=True)
+
+
+def _load_generation_config(
+    source: str, hub_kwargs: dict, base_model: PreTrainedModel, config: HydraConfig
+) -> GenerationConfig:
+    path = cached_file(source, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if path is None:
+        return speculative_generation_config(base_model.generation_config, config)
+    generation_config = GenerationConfig.from_pretrained(Path(path).parent)
+    if getattr(generation_config, "hydra_tree", None) is None:
+        generation_config.hydra_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
+        generation_config.hydra_acceptance = config.acceptance
+    return generation_config

@@ -1,0 +1,218 @@
+"""Draft trees as pure data: a tree spec (paths of top-k ranks) -> the tensors decoding needs.
+
+A tree is a list of paths of top-k ranks: `[0, 2]` is the 3rd most likely token of head 1 under the
+most likely token of head 0. The root (the base model's own next token) is implicit and is node 0;
+the other nodes are numbered 1..N in `(depth, path)` order, so the nodes of one depth are contiguous.
+Nothing here imports a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Medusa's reference tree (FasterDecoding/Medusa `mc_sim_7b_63`), 63 nodes at depths 10/28/23/2.
+MC_SIM_7B_63: tuple[tuple[int, ...], ...] = (
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4), (2, 0),
+    (0, 5), (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8), (0, 0, 2), (3, 0),
+    (0, 9), (8,), (9,), (1, 0, 0), (0, 2, 0), (1, 2), (0, 0, 3), (4, 0), (2, 1), (0, 0, 4), (0, 0, 5),
+    (0, 0, 0, 0), (0, 1, 1), (0, 0, 6), (0, 3, 0), (5, 0), (1, 3), (0, 0, 7), (0, 0, 8), (0, 0, 9),
+    (6, 0), (0, 4, 0), (1, 4), (7, 0), (0, 1, 2), (2, 0, 0), (3, 1), (2, 2), (8, 0), (0, 5, 0), (1, 5),
+    (1, 0, 1), (0, 2, 1), (9, 0), (0, 6, 0), (0, 0, 0, 1), (1, 6), (0, 7, 0),
+)  # fmt: skip
+
+# A small tree for CPUs, where verifying 64 tokens costs ~3.4x a one-token step (see assets.md):
+# 10 nodes, depth 4. Replaced per model by a measured tree once heads are tuned.
+CPU_SMALL_11: tuple[tuple[int, ...], ...] = (
+    (0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0),
+)
+
+NAMED_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "mc_sim_7b_63": MC_SIM_7B_63,
+    "cpu_small_11": CPU_SMALL_11,
+}
+DEFAULT_TREE_NAME = "cpu_small_11"
+
+TreeSpec = str | Sequence[Sequence[int]]
+
+
+def chain(depth: int) -> tuple[tuple[int, ...], ...]:
+    """The single path of top-1 tokens `[[0], [0, 0], ...]` of the given depth."""
+    return tuple((0,) * d for d in range(1, depth + 1))
+
+
+def resolve_tree(tree: TreeSpec, num_heads: int) -> tuple[tuple[int, ...], ...]:
+    """Turn a tree name (`"mc_sim_7b_63"`, `"cpu_small_11"`, `"chain"`, `"chain-3"`) or a list of rank
+    paths into sorted, validated rank paths. Raises `ValueError` for unknown names, missing parents,
+    duplicates, negative ranks and trees deeper than `num_heads`."""
+    if isinstance(tree, str):
+        paths = _named_tree(tree, num_heads)
+    else:
+        paths = tuple(tuple(int(r) for r in path) for path in tree)
+    _validate_paths(paths, num_heads)
+    return tuple(sorted(paths, key=lambda p: (len(p), p)))
+
+
+def _named_tree(name: str, num_heads: int) -> tuple[tuple[int, ...], ...]:
+    if name == "chain":
+        return chain(num_heads)
+    if name.startswith("chain-") and name[len("chain-"):].isdigit():
+        return chain(int(name[len("chain-"):]))
+    if name not in NAMED_TREES:
+        raise ValueError(
+            f"Unknown tree name {name!r}. Use one of {sorted(NAMED_TREES)}, 'chain', 'chain-<depth>', "
+            "or pass the tree as a list of rank paths such as [[0], [1], [0, 0]]."
+        )
+    return NAMED_TREES[name]
+
+
+def _validate_paths(paths: tuple[tuple[int, ...], ...], num_heads: int) -> None:
+    if not paths:
+        raise ValueError("A draft tree needs at least one node, e.g. [[0]].")
+    seen = set(paths)
+    if len(seen) != len(paths):
+        raise ValueError("The draft tree lists the same path twice; give each path once.")
+    for path in paths:
+        if not path or min(path) < 0:
+            raise ValueError(f"Tree path {list(path)} must be a non-empty list of ranks >= 0.")
+        if len(path) > num_heads:
+            raise ValueError(
+                f"Tree path {list(path)} has depth {len(path)} but there are only {num_heads} draft heads "
+                f"(head i drafts depth i+1). Use a tree of depth <= {num_heads} or train more heads."
+            )
+        if len(path) > 1 and path[:-1] not in seen:
+            raise ValueError(f"Tree path {list(path)} has no parent {list(path[:-1])} in the tree; add it.")
+
+
+@dataclass(frozen=True)
+class TreeLevel:
+    """The nodes of one depth k >= 1 and how head k-1 drafts them.
+
+    `start:end` are their node indices. `parents` are the distinct parent nodes (the frontier at depth
+    k-1, in node order); `parent_rows[j]` is the row in `parents` of node `start + j`; `ranks[j]` is its
+    top-k rank among its siblings; `topk` is the largest rank + 1 (how many candidates to draw).
+    """
+
+    depth: int
+    start: int
+    end: int
+    parents: torch.Tensor  # (F,) long
+    parent_rows: torch.Tensor  # (end - start,) long
+    ranks: torch.Tensor  # (end - start,) long
+    topk: int
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """Everything decoding needs to know about one tree, as tensors. `T = N + 1` counts the root.
+
+    `attention_mask[a, b]` is True when node a may attend to node b (b is a or an ancestor of a).
+    `ancestors[a, :depth[a] + 1]` are the nodes from the root down to a (padded with 0 beyond).
+    `leaf_paths[p, :leaf_path_lengths[p]]` are the nodes from the root to the p-th leaf (padded with 0).
+    """
+
+    paths: tuple[tuple[int, ...], ...]
+    depths: torch.Tensor  # (T,) long, root = 0
+    parents: torch.Tensor  # (T,) long, root = -1
+    attention_mask: torch.Tensor  # (T, T) bool
+    ancestors: torch.Tensor  # (T, D + 1) long
+    leaf_paths: torch.Tensor  # (P, D + 1) long
+    leaf_path_lengths: torch.Tensor  # (P,) long, number of nodes incl. the root
+    levels: tuple[TreeLevel, ...]  # one per depth 1..D
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens verified per step: the root plus every drafted node."""
+        return int(self.depths.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.levels)
+
+    def to(self, device: torch.device | str) -> TreeBuffers:
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("depths", "parents", "attention_mask", "ancestors", "leaf_paths", "leaf_path_lengths")
+        }
+        levels = tuple(
+            TreeLevel(
+                lvl.depth, lvl.start, lvl.end, lvl.parents.to(device), lvl.parent_rows.to(device),
+                lvl.ranks.to(device), lvl.topk,
+            )
+            for lvl in self.levels
+        )
+        return TreeBuffers(paths=self.paths, levels=levels, **moved)
+
+
+def build_tree_buffers(tree: TreeSpec, num_heads: int) -> TreeBuffers:
+    """Tree spec -> `TreeBuffers` (on the CPU; call `.to(device)`)."""
+    paths = resolve_tree(tree, num_heads)
+    node_of = {(): 0} | {path: i + 1 for i, path in enumerate(paths)}
+    num_tokens = len(paths) + 1
+    max_depth = max(len(p) for p in paths)
+
+    depths = torch.tensor([0] + [len(p) for p in paths])
+    parents = torch.tensor([-1] + [node_of[p[:-1]] for p in paths])
+    ancestors = torch.zeros(num_tokens, max_depth + 1, dtype=torch.long)
+    attention_mask = torch.zeros(num_tokens, num_tokens, dtype=torch.bool)
+    for path, node in node_of.items():
+        chain_of_nodes = [node_of[path[:k]] for k in range(len(path) + 1)]
+        ancestors[node, : len(chain_of_nodes)] = torch.tensor(chain_of_nodes)
+        attention_mask[node, chain_of_nodes] = True
+
+    has_child = {p[:-1] for p in paths}
+    leaves = [p for p in ((),) + paths if p not in has_child]
+    leaf_paths = torch.stack([ancestors[node_of[p]] for p in leaves])
+    leaf_path_lengths = torch.tensor([len(p) + 1 for p in leaves])
+
+    return TreeBuffers(
+        paths=paths,
+        depths=depths,
+        parents=parents,
+        attention_mask=attention_mask,
+        ancestors=ancestors,
+        leaf_paths=leaf_paths,
+        leaf_path_lengths=leaf_path_lengths,
+        levels=tuple(_tree_level(paths, node_of, depth) for depth in range(1, max_depth + 1)),
+    )
+
+
+def _tree_level(paths: tuple[tuple[int, ...], ...], node_of: dict, depth: int) -> TreeLevel:
+    level_paths = [p for p in paths if len(p) == depth]
+    start = node_of[level_paths[0]]
+    parent_nodes = sorted({node_of[p[:-1]] for p in level_paths})
+    row_of = {node: row for row, node in enumerate(parent_nodes)}
+    return TreeLevel(
+        depth=depth,
+        start=start,
+        end=start + len(level_paths),
+        parents=torch.tensor(parent_nodes),
+        parent_rows=torch.tensor([row_of[node_of[p[:-1]]] for p in level_paths]),
+        ranks=torch.tensor([p[-1] for p in level_paths]),
+        topk=max(p[-1] for p in level_paths) + 1,
+    )
+
+
+def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive float mask (1, 1, new, past + new): every new token sees the past and earlier new ones."""
+    allowed = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
+    return additive_mask(allowed, dtype)[None, None]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean visibility -> 0 / finfo.min float mask (a boolean mask is silently wrong in eager attention)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def tree_attention_mask(tree: TreeBuffers, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask (1, 1, T, past + T) for verifying the tree after `past` cached tokens:
+    each node sees the whole verified prefix, the root and its own ancestors."""
+    allowed = torch.cat(
+        [torch.ones(tree.num_tokens, past, dtype=torch.bool, device=tree.attention_mask.device), tree.attention_mask],
+        dim=1,
+    )
+    return additive_mask(allowed, dtype)[None, None]
