@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import StoppingCriteriaList, StopStringCriteria
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, cached_file
 
+from .assisted import HydraCandidateGenerator, assisted_decoding
 from .configuration_hydra import HydraConfig
 from .decoding import tree_speculative_generate
 from .heads import DraftHeads, build_heads
@@ -29,11 +31,10 @@ _HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_
 
 
 @dataclass
-class HydraOutput(ModelOutput):
-    """What training needs from one forward over (B, T) tokens."""
+class HydraOutput(CausalLMOutputWithPast):
+    """The base model's causal-LM output plus what head training needs."""
 
-    logits: torch.Tensor | None = None  # (B, T, V) base next-token logits
-    hidden_states: torch.Tensor | None = None  # (B, T, d) base post-norm last hidden states
+    last_hidden_state: torch.Tensor | None = None  # (B, T, d) base post-norm last hidden states
     head_logits: torch.Tensor | None = None  # (B, H, T, V or K): head i at t predicts token t + i + 2
 
 
@@ -134,20 +135,34 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
     # Training forward
 
     def forward(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **base_kwargs
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        return_head_logits: bool = False,
+        **base_kwargs,
     ) -> HydraOutput:
-        """Base logits, base hidden states and every head's logits at every position (teacher forcing:
-        Hydra heads read the embeddings of the true next tokens). input_ids: (B, T)."""
+        """The base model's forward (so `generate` can drive this model); with `return_head_logits=True`
+        also every head's logits at every position, for training (teacher forcing: Hydra heads read the
+        embeddings of the true next tokens). input_ids: (B, T)."""
+        base_kwargs["output_hidden_states"] = True
         with torch.no_grad():
-            out = self.base_lm(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **base_kwargs
-            )
-            hidden = out.hidden_states[-1]  # (B, T, d)
+            out = self.base_lm(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs)
+        hidden = out.hidden_states[-1]  # (B, T, d)
+        head_logits = self._head_logits(input_ids, hidden) if return_head_logits else None
+        return HydraOutput(
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            last_hidden_state=hidden,
+            head_logits=head_logits,
+        )
+
+    def _head_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
             token_embeds = self.base_lm.get_input_embeddings()(input_ids)  # (B, T, d)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
         context = self.heads.encode_context(hidden, positions, None)  # (B, T, d)
-        head_logits = self.heads.teacher_forced_logits(context, token_embeds)  # (B, H, T, V or K)
-        return HydraOutput(logits=out.logits, hidden_states=hidden, head_logits=head_logits)
+        return self.heads.teacher_forced_logits(context, token_embeds)  # (B, H, T, V or K)
 
     # ----------------------------------------------------------------------------------------------
     # Generation
@@ -155,24 +170,39 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(
         self,
         inputs: torch.Tensor | None = None,
-        speculative: bool = False,
+        speculative: bool | str = False,
         tree: TreeSpec | None = None,
         **kwargs,
     ) -> torch.LongTensor | ModelOutput:
-        """`speculative=False`: the base model's plain `generate`. `speculative=True`: greedy tree
-        speculative decoding with the heads (same tokens, fewer base forwards). `tree` overrides the
-        default tree of `generation_config.hydra_tree`. With `return_dict_in_generate=True` the output
-        carries `speculation` statistics (steps, tokens, tau)."""
-        if not speculative:
+        """Generate like the base model's `generate`, optionally with speculative decoding.
+
+        speculative: False -> the base model's plain `generate`. True or "tree" -> greedy tree speculative
+        decoding with the heads (same tokens, fewer base forwards); `tree` overrides the default tree of
+        `generation_config.hydra_tree`, and `return_dict_in_generate=True` adds `speculation` statistics
+        (steps, tokens, tau). "assisted" -> transformers' own assisted-decoding loop with the heads as a
+        chain drafter (`HydraCandidateGenerator`).
+        """
+        if speculative is False:
             return self.base_lm.generate(inputs, **kwargs)
-        if tree is None:
-            tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
+        if speculative not in (True, "tree", "assisted"):
+            raise ValueError(f"speculative must be False, True, 'tree' or 'assisted'; got {speculative!r}.")
+        _refuse_sampling(kwargs, self.base_lm.generation_config)
         streamer = kwargs.pop("streamer", None)
         _move_stop_strings_to_criteria(kwargs, self.base_lm.generation_config)
+        if speculative == "assisted":
+            decode = functools.partial(assisted_decoding, streamer=streamer)
+            cache = DynamicCache(config=self.base_lm.config)
+            return super().generate(inputs, custom_generate=decode, past_key_values=cache, **kwargs)
+        if tree is None:
+            tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
         decode = functools.partial(
             tree_speculative_generate, heads=self.heads, tree=self.tree_buffers(tree), streamer=streamer
         )
         return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
+
+    def _get_candidate_generator(self, *args, **kwargs) -> HydraCandidateGenerator:
+        """Private transformers hook used by its assisted loop: our heads are the drafter."""
+        return HydraCandidateGenerator(self.heads, self.base_lm.get_input_embeddings())
 
     def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
         """Validated buffers of a tree for these heads (cached per tree)."""
@@ -182,6 +212,12 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
 @functools.lru_cache(maxsize=32)
 def _cached_tree_buffers(paths: tuple[tuple[int, ...], ...], num_heads: int) -> TreeBuffers:
     return build_tree_buffers(paths, num_heads)
+
+
+def _refuse_sampling(kwargs: dict, default_config: GenerationConfig) -> None:
+    generation_config = kwargs.get("generation_config") or default_config
+    if kwargs.get("do_sample", generation_config.do_sample):
+        raise ValueError("speculative decoding supports greedy decoding only for now; pass do_sample=False.")
 
 
 def _move_stop_strings_to_criteria(kwargs: dict, default_config: GenerationConfig) -> None:

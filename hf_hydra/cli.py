@@ -1,0 +1,108 @@
+"""`hf-hydra` command line: generate (more subcommands arrive with training and benchmarking)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
+
+from . import assets
+from .configuration_hydra import HEAD_ARCHS
+from .modeling_hydra import HydraForCausalLM
+
+
+@dataclass(frozen=True)
+class TimedGeneration:
+    """One generate call: its new tokens, wall time and (speculative only) tau."""
+
+    new_tokens: torch.Tensor  # (n,)
+    seconds: float
+    tau: float | None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens.shape[0] / self.seconds
+
+
+def load_model(heads: str | None, arch: str, num_heads: int) -> HydraForCausalLM:
+    """Saved heads (folder or Hub repo), or fresh untrained heads on the default base model."""
+    if heads is not None:
+        return HydraForCausalLM.from_pretrained(heads)
+    logging.getLogger(__name__).warning(
+        "No --heads given: using fresh, untrained %s heads on the default base model (expect tau near 1).", arch
+    )
+    base = AutoModelForCausalLM.from_pretrained(assets.default_base_model_path())
+    return HydraForCausalLM.from_base(base, head_arch=arch, num_heads=num_heads).eval()
+
+
+def chat_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
+    """The prompt as one user turn in the model's chat template, ready for the answer: (1, L)."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return encoded["input_ids"]
+
+
+def timed_generate(
+    model: HydraForCausalLM, input_ids: torch.Tensor, speculative: bool, max_new_tokens: int, streamer=None
+) -> TimedGeneration:
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids,
+        speculative=speculative,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        streamer=streamer,
+        return_dict_in_generate=True,
+    )
+    seconds = time.perf_counter() - start
+    tau = out.speculation.tau if speculative else None
+    return TimedGeneration(new_tokens=out.sequences[0, input_ids.shape[1] :], seconds=seconds, tau=tau)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model = load_model(args.heads, args.arch, args.num_heads)
+    tokenizer = AutoTokenizer.from_pretrained(model.base_lm.name_or_path)
+    input_ids = chat_input_ids(tokenizer, args.prompt)
+    torch.manual_seed(0)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    fast = timed_generate(model, input_ids, True, args.max_new_tokens, streamer=streamer)
+    print(f"\n[hydra {model.config.head_arch}] tau={fast.tau:.2f}  {fast.new_tokens.shape[0]} tokens  "
+          f"{fast.tokens_per_second:.1f} tokens/s")
+    if args.compare:
+        plain = timed_generate(model, input_ids, False, args.max_new_tokens)
+        identical = torch.equal(plain.new_tokens, fast.new_tokens)
+        print(f"[plain generate] {plain.new_tokens.shape[0]} tokens  {plain.tokens_per_second:.1f} tokens/s")
+        print(f"speed-up {fast.tokens_per_second / plain.tokens_per_second:.2f}x  identical text: {identical}")
+        if not identical:
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-hydra", description="Hydra speculative decoding for HF causal LMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="answer one prompt with speculative decoding, streaming the text")
+    gen.add_argument("prompt", help="the user message (the model's chat template is applied)")
+    gen.add_argument("--heads", help="folder or Hub repo of saved heads (default: fresh heads on SmolLM2-135M)")
+    gen.add_argument("--arch", choices=HEAD_ARCHS, default="hydra", help="arch of fresh heads (without --heads)")
+    gen.add_argument("--num-heads", type=int, default=4, help="number of fresh heads (without --heads)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--compare", action="store_true", help="also run plain generate; print speed-up and equality")
+    gen.set_defaults(func=run_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
