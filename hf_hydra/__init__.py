@@ -5,6 +5,7 @@ Importing the package registers model type "hydra" with `AutoConfig` and `AutoMo
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import assets
 from .configuration_hydra import HydraConfig
 from .decoding import HydraGenerateOutput, SpeculationStats
 from .modeling_hydra import HydraForCausalLM
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 AutoConfig.register("hydra", HydraConfig)
 AutoModelForCausalLM.register(HydraConfig, HydraForCausalLM)
 
-__all__ = ["HydraConfig", "HydraForCausalLM", "HydraGenerateOutput", "SpeculationStats", "__version__"]
+__all__ = ["assets", "HydraConfig", "HydraForCausalLM", "HydraGenerateOutput", "SpeculationStats", "__version__"]

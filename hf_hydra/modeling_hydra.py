@@ -20,6 +20,7 @@ from transformers.generation import StoppingCriteriaList, StopStringCriteria
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, cached_file
 
+from . import assets
 from .assisted import HydraCandidateGenerator, assisted_decoding
 from .configuration_hydra import HydraConfig
 from .decoding import tree_speculative_generate
@@ -85,7 +86,9 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             config_kwargs.setdefault("draft_vocab_size", int(torch.as_tensor(draft_token_ids).numel()))
         text_config = base_model.config.get_text_config()
         config = HydraConfig(
-            base_model_name_or_path=config_kwargs.pop("base_model_name_or_path", base_model.name_or_path),
+            base_model_name_or_path=config_kwargs.pop(
+                "base_model_name_or_path", assets.portable_model_id(base_model.name_or_path)
+            ),
             base_model_revision=config_kwargs.pop("base_model_revision", _base_revision(base_model)),
             base_hidden_size=text_config.hidden_size,
             base_vocab_size=base_model.get_output_embeddings().weight.shape[0],
@@ -267,7 +270,10 @@ def _load_base(config: HydraConfig, token: str | None, **kwargs) -> PreTrainedMo
     if not config.base_model_name_or_path:
         raise ValueError("The heads' config names no base model; pass base_model=... to from_pretrained.")
     return AutoModelForCausalLM.from_pretrained(
-        config.base_model_name_or_path, revision=config.base_model_revision, token=token, **kwargs
+        assets.local_model_source(config.base_model_name_or_path),
+        revision=config.base_model_revision,
+        token=token,
+        **kwargs,
     )
 
 

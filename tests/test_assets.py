@@ -55,6 +55,7 @@ def test_model_architecture(model_and_tokenizer: tuple[LlamaForCausalLM, AutoTok
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
     assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (9, 3, 1536)
     assert getattr(config, "quantization_config", None) is None
+    assert not hasattr(config, "_model_name_or_path")  # GGUF metadata residue
     assert config.tie_word_embeddings
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert len(tokenizer) == 49152
