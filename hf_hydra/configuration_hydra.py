@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .tree import DEFAULT_TREE_NAME, resolve_tree
+from .tree import DEFAULT_TREE_NAME, NAMED_TREES, resolve_tree
 
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
 VOCAB_PROJECTIONS = ("per_head", "shared", "draft_vocab")
@@ -33,7 +33,7 @@ class HydraConfig(PretrainedConfig):
         dropout: float = 0.0,  # Hydra++ only: dropout before each block and the output layer
         vocab_projection: str = "per_head",  # "per_head" (own lm_head), "shared" (base lm_head), "draft_vocab"
         draft_vocab_size: int | None = None,  # K, the size of the reduced draft vocabulary ("draft_vocab")
-        tree: str | list[list[int]] = DEFAULT_TREE_NAME,  # default draft tree: a name or a list of rank paths
+        tree: str | list[list[int]] | None = None,  # default draft tree: a name or a list of rank paths
         acceptance: str = "greedy",  # default acceptance rule for speculative generate
         **kwargs,
     ) -> None:
@@ -47,6 +47,10 @@ class HydraConfig(PretrainedConfig):
         self.dropout = dropout
         self.vocab_projection = vocab_projection
         self.draft_vocab_size = draft_vocab_size
+        if tree is None:  # the default tree, cut to the number of heads
+            default = NAMED_TREES[DEFAULT_TREE_NAME]
+            fits = isinstance(num_heads, int) and max(len(p) for p in default) <= num_heads
+            tree = DEFAULT_TREE_NAME if fits else [list(p) for p in default if len(p) <= num_heads]
         self.tree = tree
         self.acceptance = acceptance
         super().__init__(**kwargs)

@@ -58,12 +58,12 @@ def check_greedy_request(
     model_kwargs: dict,
 ) -> None:
     """Refuse what the tree loop does not implement yet, naming the limitation."""
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"speculative=True supports batch size 1 only (got {input_ids.shape[0]}); loop over prompts.")
     if generation_config.do_sample:
         raise ValueError("speculative=True supports greedy decoding only for now; pass do_sample=False.")
     if (generation_config.num_beams or 1) > 1 or (generation_config.num_return_sequences or 1) > 1:
         raise ValueError("speculative=True does not support beam search or num_return_sequences > 1.")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative=True supports batch size 1 only (got {input_ids.shape[0]}); loop over prompts.")
     if len(logits_processor) > 0:
         names = ", ".join(type(p).__name__ for p in logits_processor)
         raise ValueError(

@@ -6,8 +6,10 @@ without `base_model` the base named in the heads' config is loaded. Saving write
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,16 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         # Attached after post_init, and not named `base_model` (a PreTrainedModel property).
         self.base_lm = base_model
         self.base_lm.requires_grad_(False)
-        self.generation_config = speculative_generation_config(base_model.generation_config, config)
+        # One GenerationConfig object for the wrapper and the base: every mode reads the same defaults.
+        self.generation_config = base_model.generation_config = speculative_generation_config(
+            base_model.generation_config, config
+        )
+
+    def train(self, mode: bool = True) -> HydraForCausalLM:
+        """Only the heads train: the frozen base stays in eval mode (no dropout in its outputs)."""
+        super().train(mode)
+        self.base_lm.eval()
+        return self
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Heads initialise themselves (identity blocks, projections copied from the base lm_head)."""
@@ -76,7 +87,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         draft_token_ids: torch.Tensor | None = None,
         **config_kwargs,
     ) -> HydraForCausalLM:
-        """Fresh (untrained) heads on an already loaded base model."""
+        """Fresh (untrained) heads on an already loaded base model, in eval mode (call `.train()` to train)."""
         if config_kwargs.get("vocab_projection") == "draft_vocab" and draft_token_ids is None:
             raise ValueError(
                 "vocab_projection='draft_vocab' needs draft_token_ids: the K most frequent target token ids "
@@ -96,7 +107,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             num_heads=num_heads,
             **config_kwargs,
         )
-        return cls(config, base_model, draft_token_ids)
+        return cls(config, base_model, draft_token_ids).eval()
 
     @classmethod
     def from_pretrained(
@@ -123,7 +134,9 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         weights = _load_heads_state(source, hub_kwargs)
         model = cls(config, base_model, weights.get("heads.draft_token_ids"))
         _load_heads_weights(model, weights, source)
-        model.generation_config = _load_generation_config(source, hub_kwargs, base_model, config)
+        model.generation_config = base_model.generation_config = _load_generation_config(
+            source, hub_kwargs, base_model, config
+        )
         return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -195,13 +208,15 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         if speculative == "assisted":
             decode = functools.partial(assisted_decoding, streamer=streamer)
             cache = DynamicCache(config=self.base_lm.config)
-            return super().generate(inputs, custom_generate=decode, past_key_values=cache, **kwargs)
+            with _stop_strings_hidden(self.generation_config, kwargs):
+                return super().generate(inputs, custom_generate=decode, past_key_values=cache, **kwargs)
         if tree is None:
             tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
         decode = functools.partial(
             tree_speculative_generate, heads=self.heads, tree=self.tree_buffers(tree), streamer=streamer
         )
-        return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
+        with _stop_strings_hidden(self.base_lm.generation_config, kwargs):
+            return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
 
     def _get_candidate_generator(self, *args, **kwargs) -> HydraCandidateGenerator:
         """Private transformers hook used by its assisted loop: our heads are the drafter."""
@@ -209,7 +224,16 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
 
     def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
         """Validated buffers of a tree for these heads (cached per tree)."""
-        return _cached_tree_buffers(resolve_tree(tree, self.config.num_heads), self.config.num_heads)
+        buffers = _cached_tree_buffers(resolve_tree(tree, self.config.num_heads), self.config.num_heads)
+        draft_vocab = self.config.vocab_projection == "draft_vocab"
+        width = self.config.draft_vocab_size if draft_vocab else self.config.base_vocab_size
+        needed = max(level.topk for level in buffers.levels)
+        if width is not None and needed > width:
+            raise ValueError(
+                f"The tree asks a head for its top {needed} tokens, but the heads choose among only {width} "
+                "tokens; use a tree whose ranks are below that."
+            )
+        return buffers
 
 
 @functools.lru_cache(maxsize=32)
@@ -221,6 +245,19 @@ def _refuse_sampling(kwargs: dict, default_config: GenerationConfig) -> None:
     generation_config = kwargs.get("generation_config") or default_config
     if kwargs.get("do_sample", generation_config.do_sample):
         raise ValueError("speculative decoding supports greedy decoding only for now; pass do_sample=False.")
+
+
+@contextlib.contextmanager
+def _stop_strings_hidden(default_config: GenerationConfig, kwargs: dict):
+    """generate() refills None fields from the model's own generation config, so stop strings (already a
+    criterion, see _move_stop_strings_to_criteria) are hidden there for the call."""
+    saved = default_config.stop_strings
+    if "stopping_criteria" in kwargs:
+        default_config.stop_strings = None
+    try:
+        yield
+    finally:
+        default_config.stop_strings = saved
 
 
 def _move_stop_strings_to_criteria(kwargs: dict, default_config: GenerationConfig) -> None:
@@ -245,6 +282,7 @@ def speculative_generation_config(base_config: GenerationConfig, config: HydraCo
     generation_config = copy.deepcopy(base_config)
     generation_config.hydra_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
     generation_config.hydra_acceptance = config.acceptance
+    generation_config._from_model_config = False  # else GenerationConfig drops hydra_* when loading it
     return generation_config
 
 
@@ -297,6 +335,14 @@ def _load_heads_weights(model: HydraForCausalLM, weights: dict[str, torch.Tensor
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}."
         )
+    current = model.heads.state_dict()
+    wrong = [
+        f"heads.{k} {tuple(weights[f'heads.{k}'].shape)} (expected {tuple(v.shape)})"
+        for k, v in current.items()
+        if weights[f"heads.{k}"].shape != v.shape
+    ]
+    if wrong:
+        raise ValueError(f"The weights in {source} have the wrong shapes for this config: {wrong[:8]}.")
     state = {k.removeprefix("heads."): v for k, v in weights.items()}
     model.heads.load_state_dict(state, strict=True)
 
@@ -308,7 +354,9 @@ def _load_generation_config(
     if path is None:
         return speculative_generation_config(base_model.generation_config, config)
     generation_config = GenerationConfig.from_pretrained(Path(path).parent)
-    if getattr(generation_config, "hydra_tree", None) is None:
-        generation_config.hydra_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
-        generation_config.hydra_acceptance = config.acceptance
+    raw = json.loads(Path(path).read_text())  # files saved with _from_model_config=true lose hydra_* above
+    default_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
+    generation_config.hydra_tree = raw.get("hydra_tree") or default_tree
+    generation_config.hydra_acceptance = raw.get("hydra_acceptance", config.acceptance)
+    generation_config._from_model_config = False
     return generation_config
