@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -84,6 +85,71 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_distill(args: argparse.Namespace) -> int:
+    from .training.data import load_sharegpt, split_train_validation
+    from .training.distill import self_distill
+
+    conversations = load_sharegpt()
+    _, chosen = split_train_validation(conversations, args.num_conversations / len(conversations), args.seed)
+    report = self_distill(
+        args.base or assets.default_base_model_path(),
+        None,
+        chosen,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {report.written} answers ({report.already_done} already done), "
+          f"{report.generated_tokens_per_second:.1f} generated tokens/s")
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from .training.data import render
+    from .training.distill import load_distilled
+    from .training.features import TokenizedSequence, prepare_features
+
+    base_path = args.base or assets.default_base_model_path()
+    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    conversations = load_distilled(args.data)[: args.limit]
+    sequences = []
+    for conversation in conversations:
+        rendered = render(tokenizer, conversation, max_length=args.max_length)
+        sequences.append(TokenizedSequence(rendered.input_ids, rendered.assistant_mask))
+    report = prepare_features(
+        base, sequences, args.out, assets.portable_model_id(str(base_path)), teacher_topk=args.teacher_topk
+    )
+    print(f"cached {report.tokens} tokens of {report.sequences} sequences, {report.tokens_per_second:.0f} tokens/s")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training.trainer import TrainingArguments, train
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    options = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    options.setdefault("base_model", assets.DEFAULT_BASE_MODEL_ID)
+    report = train(TrainingArguments(**options))
+    print(f"trained {report.steps} steps, {report.tokens_per_second:.0f} tokens/s; heads in {args.output_dir}")
+    return 0
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    """One --option per TrainingArguments field, typed from its default."""
+    from .training.trainer import TrainingArguments
+
+    for field in dataclasses.fields(TrainingArguments):
+        flag = "--" + field.name.replace("_", "-")
+        required = field.default is dataclasses.MISSING and field.name != "base_model"
+        if isinstance(field.default, bool) or field.name == "cpu":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(field.default, int | float):
+            parser.add_argument(flag, type=type(field.default), default=None, help=f"default {field.default}")
+        else:
+            parser.add_argument(flag, required=required, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-hydra", description="Hydra speculative decoding for HF causal LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--compare", action="store_true", help="also run plain generate; print speed-up and equality")
     gen.set_defaults(func=run_generate)
+
+    distill = commands.add_parser("distill", help="answer ShareGPT first turns with the base model (resumable)")
+    distill.add_argument("--out", required=True, help="JSONL file to append to (a rerun resumes)")
+    distill.add_argument("--num-conversations", type=int, default=2000, help="seeded sample of ShareGPT")
+    distill.add_argument("--max-new-tokens", type=int, default=256)
+    distill.add_argument("--batch-size", type=int, default=16)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--base", help="base model folder or Hub id (default: SmolLM2-135M-Instruct)")
+    distill.set_defaults(func=run_distill)
+
+    prepare = commands.add_parser("prepare", help="cache the base model's hidden states and teacher top-k")
+    prepare.add_argument("--data", required=True, help="JSONL conversations written by `hf-hydra distill`")
+    prepare.add_argument("--out", required=True, help="feature folder (a rerun resumes)")
+    prepare.add_argument("--max-length", type=int, default=512)
+    prepare.add_argument("--teacher-topk", type=int, default=32)
+    prepare.add_argument("--limit", type=int, help="use only the first N conversations")
+    prepare.add_argument("--base", help="base model folder or Hub id (default: SmolLM2-135M-Instruct)")
+    prepare.set_defaults(func=run_prepare)
+
+    train = commands.add_parser("train", help="train heads on a feature folder (runs under accelerate launch too)")
+    _add_training_options(train)
+    train.set_defaults(func=run_train)
     return parser
 
 

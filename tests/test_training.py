@@ -1,0 +1,383 @@
+"""Head training: loss offsets and draft-vocabulary mapping against hand computations, a training step
+that moves the heads and never the base, exact resume, a 2-process run, and trained heads that load and
+decode losslessly. All on a tiny random Llama saved to a temporary folder (offline, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VOCAB, make_tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hf_hydra import HydraForCausalLM
+from hf_hydra.training import trainer
+from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features
+from hf_hydra.training.losses import (
+    combine_head_losses,
+    draft_vocab_index,
+    head_targets,
+    lm_loss,
+    teacher_loss,
+    topk_hits,
+)
+from hf_hydra.training.trainer import (
+    HeadsObjective,
+    TrainingArguments,
+    collate,
+    epoch_batches,
+    lr_factor,
+    micro_batch_stream,
+    split_sequences,
+    train,
+)
+
+TEACHER_TOPK = 8
+DRAFT_VOCAB = 64
+SCRIPT = Path(__file__).with_name("accelerate_train_script.py")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The machine is shared: one thread avoids multi-threaded GEMMs stalling on a busy core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_base")
+    make_tiny_model("llama", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def features_dir(base_dir, tmp_path_factory) -> Path:
+    """16 random sequences of 12..30 tokens; the first 3..6 tokens are a 'prompt' (no loss)."""
+    rng = np.random.default_rng(0)
+    sequences = []
+    for _ in range(16):
+        length, prompt = int(rng.integers(12, 31)), int(rng.integers(3, 7))
+        ids = rng.integers(0, TINY_VOCAB, size=length).tolist()
+        sequences.append(TokenizedSequence(ids, [0] * prompt + [1] * (length - prompt)))
+    out = tmp_path_factory.mktemp("features")
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    prepare_features(base, sequences, out, base_model_id=str(base_dir), teacher_topk=TEACHER_TOPK)
+    return out
+
+
+def tiny_args(base_dir: Path, features_dir: Path, output_dir: Path, **overrides) -> TrainingArguments:
+    defaults = {
+        "features_dir": str(features_dir),
+        "output_dir": str(output_dir),
+        "base_model": str(base_dir),
+        "head_arch": "hydra",
+        "num_heads": 3,
+        "draft_vocab_size": DRAFT_VOCAB,
+        "lm_weight": 0.5,
+        "teacher_weight": 1.0,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 3,
+        "validation_fraction": 0.25,
+        "eval_every": 2,
+        "save_every": 0,
+    }
+    return TrainingArguments(**(defaults | overrides))
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses against hand computations
+
+
+def test_head_targets_offsets_literal():
+    """Head 0 at t targets x_{t+2} with the teacher of t+1; head 1 targets x_{t+3}; masked targets drop."""
+    input_ids = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    loss_mask = torch.tensor([[0, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    teacher_ids = (100 + torch.arange(6))[None, :, None].repeat(1, 1, 2)  # teacher at t: ids 100 + t
+    teacher_logprobs = torch.zeros(1, 6, 2)
+    head0 = head_targets(input_ids, loss_mask, teacher_ids, teacher_logprobs, head_index=0)
+    assert head0.position.tolist() == [0, 1, 3]  # targets at 2, 3, 5 (4 is masked)
+    assert head0.target_ids.tolist() == [12, 13, 15]
+    assert head0.teacher_ids[:, 0].tolist() == [101, 102, 104]  # the base's distribution at t + 1
+    head1 = head_targets(input_ids, loss_mask, teacher_ids, teacher_logprobs, head_index=1)
+    assert head1.position.tolist() == [0, 2]  # targets at 3, 5
+    assert head1.target_ids.tolist() == [13, 15]
+    assert head1.greedy_ids.tolist() == [102, 104]
+    assert head_targets(input_ids, loss_mask, teacher_ids, teacher_logprobs, head_index=4).position.numel() == 0
+
+
+def test_lm_loss_draft_vocab_literal():
+    """Targets map to their draft rows; a target outside the draft vocabulary is excluded and counted."""
+    draft_ids = torch.tensor([2, 5, 9])
+    index = draft_vocab_index(draft_ids, vocab_size=10)
+    assert index.tolist() == [-1, -1, 0, -1, -1, 1, -1, -1, -1, 2]
+    logq = torch.log(torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]]))
+    term = lm_loss(logq, torch.tensor([9, 2, 4]), index)  # rows 2, 0, excluded
+    assert term.count.item() == 2 and term.excluded.item() == 1
+    assert term.mean.item() == pytest.approx(-(math.log(0.5) + math.log(0.6)) / 2)
+    full = lm_loss(logq, torch.tensor([1, 0, 2]))  # no draft vocabulary: ids are columns
+    assert full.mean.item() == pytest.approx(-(math.log(0.3) + math.log(0.6) + math.log(0.8)) / 3)
+
+
+def test_teacher_loss_literal():
+    """Top-k renormalised over the draft vocabulary: p = (0.5, 0.25) / 0.75 on draft rows (1, 0)."""
+    index = draft_vocab_index(torch.tensor([3, 7]), vocab_size=8)
+    logq = torch.log(torch.tensor([[0.4, 0.6], [0.5, 0.5]]))
+    teacher_ids = torch.tensor([[7, 3, 1], [0, 1, 2]])  # row 1: nothing inside the draft vocabulary
+    teacher_logprobs = torch.log(torch.tensor([[0.5, 0.25, 0.2], [0.5, 0.3, 0.1]]))
+    term = teacher_loss(logq, teacher_ids, teacher_logprobs, index)
+    expected = -(2 / 3 * math.log(0.6) + 1 / 3 * math.log(0.4))
+    assert term.count.item() == 1 and term.excluded.item() == 1
+    assert term.mean.item() == pytest.approx(expected, rel=1e-6)
+
+
+def _loop_teacher_loss(logits, input_ids, loss_mask, teacher_ids, teacher_logprobs, head, draft_ids):
+    """Independent implementation with Python floats: mean over (b, t) of soft CE at offset t + head + 2."""
+    B, _, T, _ = logits.shape
+    draft = None if draft_ids is None else {int(tok): row for row, tok in enumerate(draft_ids)}
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            target = t + head + 2
+            if target >= T or not loss_mask[b, target]:
+                continue
+            row = logits[b, head, t].tolist()
+            log_z = math.log(sum(math.exp(x) for x in row))
+            pairs = [
+                (int(j), float(lp))
+                for j, lp in zip(teacher_ids[b, target - 1], teacher_logprobs[b, target - 1], strict=True)
+            ]
+            if draft is not None:
+                pairs = [(draft[j], lp) for j, lp in pairs if j in draft]
+            if not pairs:
+                continue
+            mass = sum(math.exp(lp) for _, lp in pairs)
+            total += -sum(math.exp(lp) / mass * (row[col] - log_z) for col, lp in pairs)
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("use_draft_vocab", [False, True])
+def test_teacher_loss_matches_loop(use_draft_vocab):
+    torch.manual_seed(0)
+    B, H, T, V, k = 2, 3, 9, 20, 4
+    draft_ids = torch.tensor([0, 2, 3, 5, 8, 11, 13, 17]) if use_draft_vocab else None
+    columns = V if draft_ids is None else draft_ids.numel()
+    logits = torch.randn(B, H, T, columns, dtype=torch.float64)
+    input_ids = torch.randint(0, V, (B, T))
+    loss_mask = torch.rand(B, T) > 0.3
+    teacher_ids = torch.stack([torch.randperm(V)[:k] for _ in range(B * T)]).view(B, T, k)
+    teacher_logprobs = torch.randn(B, T, V).log_softmax(-1).gather(-1, teacher_ids).double()
+    index = None if draft_ids is None else draft_vocab_index(draft_ids, V)
+    for head in range(H):
+        targets = head_targets(input_ids, loss_mask, teacher_ids, teacher_logprobs, head)
+        logq = logits[targets.batch_index, head, targets.position].log_softmax(-1)  # (N, C)
+        term = teacher_loss(logq, targets.teacher_ids, targets.teacher_logprobs, index)
+        expected = _loop_teacher_loss(logits, input_ids, loss_mask, teacher_ids, teacher_logprobs, head, draft_ids)
+        assert term.mean.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_combine_and_accuracy():
+    terms = [lm_loss(torch.log(torch.tensor([[0.5, 0.5]])), torch.tensor([0])) for _ in range(3)]
+    losses = combine_head_losses(terms, terms, lm_weight=1.0, teacher_weight=0.5, decay=0.8)
+    assert losses.head_weights.tolist() == pytest.approx([1.0, 0.8, 0.64])
+    assert losses.total.item() == pytest.approx(1.5 * math.log(2) * (1 + 0.8 + 0.64))
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.4]])
+    draft_ids = torch.tensor([4, 6, 8])
+    # rows: top-1 ids 6, 4, 8; greedy 6 (hit), 8 (top-2 only), 5 (outside the draft vocabulary: miss)
+    hits = topk_hits(logits, torch.tensor([6, 8, 5]), draft_ids, ks=(1, 2))
+    assert hits.tolist() == [1, 2]
+
+
+def test_schedule_and_data_order():
+    assert [round(lr_factor(s, 2, 10, 0.25), 4) for s in (0, 1, 2, 10)] == [0.5, 1.0, 1.0, 0.25]
+    train_ids, val_ids = split_sequences(20, 0.25, seed=3)
+    assert len(val_ids) == 5 and not set(train_ids) & set(val_ids)
+    assert split_sequences(20, 0.25, seed=3) == (train_ids, val_ids)
+    epoch = epoch_batches(train_ids, 2, epoch=0, seed=1, num_processes=2)
+    halves = [[b for _, b in islice(micro_batch_stream(train_ids, 2, 1, 2, p), len(epoch) // 2)] for p in (0, 1)]
+    assert sorted(sum(halves[0] + halves[1], [])) == sorted(sum(epoch, []))  # the processes share an epoch
+    stream = list(islice(micro_batch_stream(train_ids, 2, 1, 1, 0), 12))  # 8 batches per epoch: crosses one
+    assert [e for e, _ in stream] == [0] * 8 + [1] * 4
+    assert list(islice(micro_batch_stream(train_ids, 2, 1, 1, 0, skip=5), 7)) == stream[5:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.parametrize("head_arch", ["medusa", "hydra", "hydra++"])
+def test_training_step_moves_heads_only(head_arch, base_dir, features_dir, tmp_path):
+    args = tiny_args(base_dir, features_dir, tmp_path, head_arch=head_arch, noise_alpha=5.0, dropout=0.1)
+    store = FeatureStore(features_dir)
+    base = trainer.load_base(str(base_dir))
+    base_before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = trainer.build_model(args, base, store)
+    objective = HeadsObjective(model.heads, TINY_VOCAB, args).train()
+    heads_before = {k: v.clone() for k, v in objective.state_dict().items()}
+    optimizer = trainer.make_optimizer(objective, args)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]}.isdisjoint(id(p) for p in base.parameters())
+    batch = collate([store.sequence(i) for i in range(4)])
+    out = objective(batch, base.get_input_embeddings()(batch.input_ids), with_accuracy=True)
+    assert torch.isfinite(out.losses.total) and torch.isfinite(out.losses.lm).all()
+    assert (out.losses.teacher_count > 0).all() and out.hits.shape == (3, 2)
+    out.losses.total.backward()
+    optimizer.step()
+    changed = [k for k, v in objective.state_dict().items() if not torch.equal(v, heads_before[k])]
+    assert any(".output." in k for k in changed) and any(".blocks." in k for k in changed)
+    assert all(torch.equal(v, base_before[k]) for k, v in base.state_dict().items())
+    assert all(p.grad is None for p in base.parameters())
+
+
+def test_train_never_runs_base_layers(base_dir, features_dir, tmp_path, monkeypatch):
+    """A full run: base layers would raise if called; base weights unchanged; files written; heads moved."""
+    loaded = {}
+
+    def load_base_with_tripwire(path: str):
+        base = AutoModelForCausalLM.from_pretrained(path).eval()
+        for layer in base.model.layers:
+            layer.register_forward_pre_hook(lambda *_: pytest.fail("a base transformer layer ran during training"))
+        loaded["base"], loaded["state"] = base, {k: v.clone() for k, v in base.state_dict().items()}
+        return base
+
+    monkeypatch.setattr(trainer, "load_base", load_base_with_tripwire)
+    args = tiny_args(base_dir, features_dir, tmp_path / "run", head_arch="hydra++", max_steps=4)
+    report = train(args)
+    assert report.steps == 4 and report.tokens > 0 and report.tokens_per_second > 0
+    assert math.isfinite(report.final_train_loss) and 0 < report.draft_vocab_coverage <= 1
+    assert all(torch.equal(v, loaded["state"][k]) for k, v in loaded["base"].state_dict().items())
+    out = Path(args.output_dir)
+    assert {"config.json", "model.safetensors", "metrics.jsonl", "training_curves.png", "training_summary.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]
+    assert all(
+        len(r["head_loss"]) == 3 and all(map(math.isfinite, r["head_loss"])) for r in records if "head_loss" in r
+    )
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["args"]["head_arch"] == "hydra++"
+    saved = load_file(out / "model.safetensors")
+    fresh = trainer.build_model(args, trainer.load_base(str(base_dir)), FeatureStore(features_dir))
+    assert not all(torch.equal(saved[f"heads.{k}"], v) for k, v in fresh.heads.state_dict().items())
+    assert not any(k.startswith(("base_lm", "heads.base")) for k in saved)
+
+
+def test_resume_matches_straight_run(base_dir, features_dir, tmp_path):
+    """4 steps straight == 2 steps + resume for 2: optimizer, scheduler (warm-up), RNG (noise, dropout), data."""
+    common = {
+        "head_arch": "hydra++",
+        "noise_alpha": 5.0,
+        "dropout": 0.2,
+        "max_steps": 4,
+        "save_every": 2,
+        "warmup_steps": 3,
+        "min_lr_ratio": 1.0,
+        "eval_every": 1,
+    }
+    straight = train(tiny_args(base_dir, features_dir, tmp_path / "straight", **common))
+    first = tiny_args(base_dir, features_dir, tmp_path / "resumed", **(common | {"max_steps": 2}))
+    train(first)
+    with pytest.raises(ValueError, match="resume=True"):
+        train(replace(first, max_steps=4))  # a fresh run must not mix with an earlier run's checkpoints
+    resumed = train(replace(first, max_steps=4, resume=True))
+    assert resumed.steps == straight.steps == 4 and resumed.tokens == straight.tokens
+    a = load_file(Path(straight.output_dir) / "model.safetensors")
+    b = load_file(Path(resumed.output_dir) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    steps = [json.loads(line)["step"] for line in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(4) == 2  # train + eval, no duplicates
+    assert resumed.validation["top1"] == pytest.approx(straight.validation["top1"])
+
+
+@pytest.mark.parametrize(
+    ("head_arch", "projection"),
+    [
+        ("medusa", "draft_vocab"),
+        ("hydra", "draft_vocab"),
+        ("hydra++", "draft_vocab"),
+        ("hydra", "per_head"),
+        ("medusa", "shared"),
+    ],
+)
+def test_trained_heads_load_and_decode_losslessly(head_arch, projection, base_dir, features_dir, tmp_path):
+    args = tiny_args(
+        base_dir, features_dir, tmp_path, head_arch=head_arch, vocab_projection=projection, save_dtype="float16"
+    )
+    report = train(args)
+    assert (report.draft_vocab_coverage is None) == (projection != "draft_vocab")
+    saved = load_file(Path(args.output_dir) / "model.safetensors")
+    assert all(v.dtype == torch.float16 for k, v in saved.items() if k != "heads.draft_token_ids")
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    model = HydraForCausalLM.from_pretrained(args.output_dir, base_model=base)
+    assert model.config.head_arch == head_arch and model.config.vocab_projection == projection
+    prompt = torch.randint(0, TINY_VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    plain = base.generate(prompt, max_new_tokens=24, do_sample=False)
+    fast = model.generate(prompt, max_new_tokens=24, do_sample=False, speculative=True)
+    assert torch.equal(plain, fast)
+    if projection == "draft_vocab":
+        expected_ids = FeatureStore(features_dir).most_frequent_targets(DRAFT_VOCAB)
+        assert model.config.draft_vocab_size == DRAFT_VOCAB
+        assert model.heads.draft_token_ids.tolist() == expected_ids.tolist()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_launch(base_dir, features_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: 2 gloo processes."""
+    args = tiny_args(base_dir, features_dir, tmp_path / "ddp", max_steps=3, save_every=2)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        json.dumps(args.__dict__),
+    ]
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((Path(args.output_dir) / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 3
+    assert len(trainer.checkpoint_dirs(Path(args.output_dir))) == 2  # steps 2 and 3
+    train_lines = [
+        r
+        for r in map(json.loads, (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
+    ]
+    assert [r["step"] for r in train_lines] == [1, 2, 3]  # one writer
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    HydraForCausalLM.from_pretrained(args.output_dir, base_model=base)
