@@ -67,3 +67,13 @@ def make_tiny_model(
 def tiny_model_factory() -> Callable[..., PreTrainedModel]:
     """`tiny_model_factory(arch="llama", seed=0, attn_implementation="sdpa", **config_overrides)`."""
     return make_tiny_model
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads spin and
+    run ~7x slower. Modules of tiny-model tests use it for every test; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

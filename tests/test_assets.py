@@ -40,8 +40,14 @@ def test_cache_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def test_model_folder_is_plain_hf_folder(model_path: Path) -> None:
     assert model_path == assets.cache_root() / "models" / "SmolLM2-135M-Instruct"
     files = {p.name for p in model_path.iterdir()}
-    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "chat_template.jinja"}
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
     assert expected <= files
     assert not list(model_path.parent.glob(".SmolLM2-135M-Instruct.tmp-*"))
 
@@ -85,7 +91,7 @@ def test_chat_template_and_greedy_answer(model_and_tokenizer: tuple[LlamaForCaus
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=12)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 

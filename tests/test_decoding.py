@@ -38,14 +38,7 @@ FULL_TREE = [[r] for r in range(SMALL_VOCAB)] + [[r, s] for r in range(SMALL_VOC
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads spin and
-    run ~7x slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompts(vocab: int, lengths: tuple[int, ...] = (1, 5, 11), seed: int = 1234) -> list[torch.Tensor]:

@@ -25,14 +25,7 @@ SAVED_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 DRAFT_IDS = torch.tensor([3, 0, 7, 12, 5, 9, 1, 14])  # K = 8 of the 16 tokens, deliberately unsorted
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads spin and
-    run ~7x slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _base(factory: Callable[..., PreTrainedModel], arch: str = "llama", seed: int = 0, **overrides):

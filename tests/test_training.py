@@ -48,13 +48,7 @@ DRAFT_VOCAB = 64
 SCRIPT = Path(__file__).with_name("accelerate_train_script.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine is shared: one thread avoids multi-threaded GEMMs stalling on a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
