@@ -135,6 +135,32 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    base_path = args.base or assets.default_base_model_path()
+    device = torch.device(args.device)
+    base = AutoModelForCausalLM.from_pretrained(base_path).to(device).eval()
+    heads = {}
+    for spec in args.heads:  # every heads set on the same base object: one base in memory
+        arch, sep, path = spec.partition("=")
+        if not sep or arch not in HEAD_ARCHS:
+            raise SystemExit(f"--heads takes ARCH=PATH with ARCH in {HEAD_ARCHS}; got {spec!r}")
+        heads[arch] = HydraForCausalLM.from_pretrained(path, base_model=base).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    methods = args.methods.split(",") if args.methods else [
+        m for m in bench.ALL_METHODS if m not in bench.TREE_METHODS or m in heads
+    ]
+    if bench.ASSISTED in methods and not heads:
+        methods.remove(bench.ASSISTED)
+    questions = assets.mt_bench_questions()[: args.limit]
+    report = bench.run_bench(base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn)
+    written = bench.write_report(report, args.out)
+    print(bench.markdown_table(report))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     """One --option per TrainingArguments field, typed from its default."""
     from .training.trainer import TrainingArguments
@@ -183,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train heads on a feature folder (runs under accelerate launch too)")
     _add_training_options(train)
     train.set_defaults(func=run_train)
+
+    bench_parser = commands.add_parser("bench", help="MT-Bench: tau, tokens/s, speed-up of each method vs greedy")
+    bench_parser.add_argument("--heads", action="append", default=[], help="ARCH=PATH, e.g. hydra++=./heads")
+    bench_parser.add_argument("--methods", help="comma-separated subset of the methods (default: all available)")
+    bench_parser.add_argument("--limit", type=int, help="first N questions only")
+    bench_parser.add_argument("--max-new-tokens", type=int, default=256)
+    bench_parser.add_argument("--turn", type=int, default=1, choices=(1, 2))
+    bench_parser.add_argument("--device", default="cpu")
+    bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
+    bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
+    bench_parser.set_defaults(func=run_bench)
     return parser
 
 

@@ -1,0 +1,354 @@
+"""MT-Bench benchmark: tau, tokens/s and speed-up of speculative methods against plain greedy decoding.
+
+All methods run interleaved per prompt in one process after a warm-up, so machine noise hits them
+alike; speed-ups are ratios measured on the same prompt. One JSON holds everything; the Markdown
+table and the plots are generated from it, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import __version__
+from .modeling_hydra import HydraForCausalLM
+
+SCHEMA_VERSION = 1
+AUTOREGRESSIVE = "autoregressive"
+PROMPT_LOOKUP = "prompt_lookup"
+ASSISTED = "hydra_assisted"  # the chain candidate generator in transformers' assisted loop
+TREE_METHODS = ("medusa", "hydra", "hydra++")  # tree decoding with heads of that architecture
+ALL_METHODS = (AUTOREGRESSIVE, PROMPT_LOOKUP, ASSISTED, *TREE_METHODS)
+PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One method on one prompt."""
+
+    question_id: int
+    category: str
+    method: str
+    new_tokens: int
+    seconds: float
+    steps: int | None  # base verification forwards (tree methods)
+    accepted_lengths: list[int] | None  # tokens appended per step (tree methods)
+    identical: bool  # output equals autoregressive greedy token for token
+    divergence_gap: float | None  # when not identical: base top-2 logit gap at the first differing token
+
+    @property
+    def tau(self) -> float | None:
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else None
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    method: str
+    tau: float | None  # tokens per verification step, bonus included (tree methods)
+    tokens_per_second: float  # total new tokens / total seconds
+    speedup_median: float  # median over prompts of (autoregressive seconds / method seconds)
+    speedup_total: float  # total autoregressive seconds / total method seconds
+    mismatches: int  # outputs differing from autoregressive greedy
+    speedup_by_category: dict[str, float] = field(default_factory=dict)  # median per category
+    acceptance_by_depth: list[float] = field(default_factory=list)  # P(draft at depth k accepted), tree methods
+
+
+@dataclass(frozen=True)
+class Divergence:
+    index: int  # position in the sequence of the first differing token
+    gap: float  # base top-2 logit gap there (a floating-point tie when below ~1e-4)
+
+
+def first_divergence(base: PreTrainedModel, reference: torch.Tensor, other: torch.Tensor) -> Divergence | None:
+    """Where two (1, S) sequences first differ, with the base's top-2 logit gap for that token."""
+    common = min(reference.shape[1], other.shape[1])
+    differing = (reference[0, :common] != other[0, :common]).nonzero()
+    if differing.numel() == 0:
+        if reference.shape[1] == other.shape[1]:
+            return None
+        return Divergence(index=common, gap=float("inf"))  # one stopped earlier: not a tie
+    index = int(differing[0])
+    with torch.no_grad():
+        top = base(reference[:, :index]).logits[0, -1].topk(2).values
+    return Divergence(index=index, gap=float(top[0] - top[1]))
+
+
+def acceptance_by_depth(accepted_lengths: Sequence[int], max_depth: int) -> list[float]:
+    """P(the draft at depth k was accepted) for k = 1..max_depth: a step appending n tokens accepted
+    the drafts at depths 1..n-1."""
+    if not accepted_lengths:
+        return []
+    return [sum(n - 1 >= k for n in accepted_lengths) / len(accepted_lengths) for k in range(1, max_depth + 1)]
+
+
+Runner = Callable[[torch.Tensor, int], tuple[torch.Tensor, list[int] | None]]
+
+
+def method_runners(
+    base: PreTrainedModel, heads: dict[str, HydraForCausalLM], methods: Sequence[str]
+) -> dict[str, Runner]:
+    """A `(input_ids, max_new_tokens) -> (sequence, accepted lengths or None)` function per method."""
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose among {ALL_METHODS}.")
+    missing = [m for m in methods if m in TREE_METHODS and m not in heads]
+    if ASSISTED in methods and not heads:
+        missing.append(ASSISTED)
+    if missing:
+        raise ValueError(f"Methods {missing} need heads: pass --heads ARCH=PATH for them.")
+    runners: dict[str, Runner] = {}
+    for method in methods:
+        if method == AUTOREGRESSIVE:
+            runners[method] = lambda ids, n: (base.generate(ids, max_new_tokens=n, do_sample=False), None)
+        elif method == PROMPT_LOOKUP:
+            runners[method] = lambda ids, n: (
+                base.generate(ids, max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS),
+                None,
+            )
+        elif method == ASSISTED:
+            assisted_model = heads.get("hydra") or next(iter(heads.values()))
+            runners[method] = lambda ids, n, m=assisted_model: (
+                m.generate(ids, max_new_tokens=n, do_sample=False, speculative="assisted"),
+                None,
+            )
+        else:
+            runners[method] = _tree_runner(heads[method])
+    return runners
+
+
+def _tree_runner(model: HydraForCausalLM) -> Runner:
+    def run(input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, list[int]]:
+        out = model.generate(
+            input_ids, max_new_tokens=max_new_tokens, do_sample=False, speculative=True, return_dict_in_generate=True
+        )
+        return out.sequences, list(out.speculation.accepted_lengths)
+
+    return run
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    base: PreTrainedModel,
+    questions: Sequence[dict],
+    turn: int,
+    max_new_tokens: int,
+) -> list[tuple[dict, torch.Tensor]]:
+    """(question, input_ids) per question; turn 2 puts the model's own greedy first answer in context."""
+    prompts = []
+    for question in questions:
+        messages = [{"role": "user", "content": question["turns"][0]}]
+        if turn == 2:
+            first = _chat_ids(tokenizer, messages).to(base.device)
+            answer = base.generate(first, max_new_tokens=max_new_tokens, do_sample=False)[0, first.shape[1] :]
+            messages += [
+                {"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)},
+                {"role": "user", "content": question["turns"][1]},
+            ]
+        prompts.append((question, _chat_ids(tokenizer, messages).to(base.device)))
+    return prompts
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> torch.Tensor:
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return encoded["input_ids"]
+
+
+def run_bench(
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heads: dict[str, HydraForCausalLM],
+    questions: Sequence[dict],
+    methods: Sequence[str] = ALL_METHODS,
+    max_new_tokens: int = 256,
+    turn: int = 1,
+) -> dict:
+    """Run every method on every question, interleaved, after a warm-up; return the report as a dict."""
+    if turn not in (1, 2):
+        raise ValueError(f"turn must be 1 or 2, got {turn}.")
+    methods = [AUTOREGRESSIVE] + [m for m in methods if m != AUTOREGRESSIVE]  # the reference comes first
+    runners = method_runners(base, heads, methods)
+    prompts = bench_prompts(tokenizer, base, questions, turn, max_new_tokens)
+    for runner in runners.values():  # warm-up: first calls pay for allocation and lazy initialisation
+        runner(prompts[0][1], 8)
+    results = []
+    for question, input_ids in tqdm(prompts, desc="bench", unit="prompt"):
+        results += _bench_prompt(base, runners, question, input_ids, max_new_tokens)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(base.device),
+        "settings": {
+            "methods": methods,
+            "max_new_tokens": max_new_tokens,
+            "turn": turn,
+            "num_prompts": len(prompts),
+            "trees": {arch: model.generation_config.hydra_tree for arch, model in heads.items()},
+        },
+        "results": [asdict(r) for r in results],
+        "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(heads))],
+    }
+
+
+def _tree_depths(heads: dict[str, HydraForCausalLM]) -> dict[str, int]:
+    return {arch: max(len(path) for path in model.generation_config.hydra_tree) for arch, model in heads.items()}
+
+
+def _bench_prompt(
+    base: PreTrainedModel, runners: dict[str, Runner], question: dict, input_ids: torch.Tensor, max_new_tokens: int
+) -> list[PromptResult]:
+    reference = None
+    results = []
+    for method, runner in runners.items():
+        _synchronize(input_ids.device)
+        start = time.perf_counter()
+        sequence, accepted = runner(input_ids, max_new_tokens)
+        _synchronize(input_ids.device)
+        seconds = time.perf_counter() - start
+        if reference is None:
+            reference = sequence
+        divergence = first_divergence(base, reference, sequence)
+        results.append(
+            PromptResult(
+                question_id=question["question_id"],
+                category=question["category"],
+                method=method,
+                new_tokens=sequence.shape[1] - input_ids.shape[1],
+                seconds=seconds,
+                steps=len(accepted) if accepted is not None else None,
+                accepted_lengths=accepted,
+                identical=divergence is None,
+                divergence_gap=None if divergence is None else divergence.gap,
+            )
+        )
+    return results
+
+
+def summarize(
+    results: Sequence[PromptResult], methods: Sequence[str], tree_depths: dict[str, int]
+) -> list[MethodSummary]:
+    """Per-method tau, tokens/s, speed-ups (median of per-prompt ratios and total-time ratio), mismatches,
+    and for tree methods the acceptance rate per depth of their tree (`tree_depths`)."""
+    reference = {r.question_id: r for r in results if r.method == AUTOREGRESSIVE}
+    summaries = []
+    for method in methods:
+        rows = [r for r in results if r.method == method]
+        ratios = [reference[r.question_id].seconds / r.seconds for r in rows]
+        accepted = [n for r in rows for n in (r.accepted_lengths or [])]
+        by_category: dict[str, list[float]] = {}
+        for row, ratio in zip(rows, ratios, strict=True):
+            by_category.setdefault(row.category, []).append(ratio)
+        summaries.append(
+            MethodSummary(
+                method=method,
+                tau=sum(accepted) / len(accepted) if accepted else None,
+                tokens_per_second=sum(r.new_tokens for r in rows) / sum(r.seconds for r in rows),
+                speedup_median=statistics.median(ratios),
+                speedup_total=sum(reference[r.question_id].seconds for r in rows) / sum(r.seconds for r in rows),
+                mismatches=sum(not r.identical for r in rows),
+                speedup_by_category={c: statistics.median(v) for c, v in sorted(by_category.items())},
+                acceptance_by_depth=acceptance_by_depth(accepted, tree_depths.get(method, 0)),
+            )
+        )
+    return summaries
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hf_hydra": __version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def markdown_table(report: dict) -> str:
+    """The summary of a bench JSON as a Markdown table (what README and model cards show)."""
+    settings, machine = report["settings"], report["machine"]
+    lines = [
+        f"MT-Bench turn {settings['turn']}, {settings['num_prompts']} prompts, greedy, "
+        f"{settings['max_new_tokens']} new tokens; {machine['device']} ({machine['processor']}, "
+        f"{machine['torch_threads']} threads), torch {machine['torch']}, transformers {machine['transformers']}.",
+        "",
+        "| method | tau | tokens/s | speed-up (median) | speed-up (total time) | mismatches |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in report["summary"]:
+        tau = f"{s['tau']:.2f}" if s["tau"] is not None else "-"
+        lines.append(
+            f"| {s['method']} | {tau} | {s['tokens_per_second']:.1f} | {s['speedup_median']:.2f}x "
+            f"| {s['speedup_total']:.2f}x | {s['mismatches']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """Speed-up per category and method, and acceptance rate per tree depth, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    summaries = [s for s in report["summary"] if s["method"] != AUTOREGRESSIVE]
+    categories = sorted({c for s in summaries for c in s["speedup_by_category"]})
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / max(len(summaries), 1)
+    for i, s in enumerate(summaries):
+        xs = [c + i * width for c in range(len(categories))]
+        ax.bar(xs, [s["speedup_by_category"].get(c, 0.0) for c in categories], width, label=s["method"])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, rotation=20)
+    ax.set_ylabel("speed-up vs autoregressive (median)")
+    ax.legend()
+    speedup_png = out_dir / "speedup_by_category.png"
+    fig.tight_layout()
+    fig.savefig(speedup_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in summaries:
+        if s["acceptance_by_depth"]:
+            depths = range(1, len(s["acceptance_by_depth"]) + 1)
+            ax.plot(depths, s["acceptance_by_depth"], marker="o", label=s["method"])
+    ax.set_xlabel("tree depth")
+    ax.set_ylabel("acceptance rate")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    acceptance_png = out_dir / "acceptance_by_depth.png"
+    fig.tight_layout()
+    fig.savefig(acceptance_png, dpi=120)
+    plt.close(fig)
+    return [speedup_png, acceptance_png]
+
+
+def write_report(report: dict, json_path: str | Path) -> list[Path]:
+    """Write the JSON, and beside it the Markdown table and the plots generated from it."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1))
+    table = json_path.with_suffix(".md")
+    table.write_text(markdown_table(report))
+    return [json_path, table, *plot_report(report, json_path.parent)]

@@ -1,0 +1,115 @@
+"""The benchmark's own logic on a tiny random model with the real chat tokenizer and MT-Bench prompts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from transformers import AutoTokenizer
+
+from hf_hydra import HydraForCausalLM, assets, bench
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(assets.default_base_model_path())
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    return make_tiny_model("llama", vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def report(base, tokenizer):
+    torch.manual_seed(0)
+    heads = {arch: HydraForCausalLM.from_base(base, head_arch=arch, num_heads=3) for arch in bench.TREE_METHODS}
+    questions = assets.mt_bench_questions()[:2]
+    return bench.run_bench(base, tokenizer, heads, questions, bench.ALL_METHODS, max_new_tokens=NEW_TOKENS)
+
+
+def test_report_schema_and_lossless_methods(report):
+    assert set(report) == {"schema_version", "created", "machine", "settings", "results", "summary"}
+    assert {"torch", "transformers", "hf_hydra", "torch_threads", "device"} <= set(report["machine"])
+    assert report["settings"]["methods"] == list(bench.ALL_METHODS)
+    assert len(report["results"]) == 2 * len(bench.ALL_METHODS)
+    json.dumps(report)  # serialisable as it is
+    for row in report["results"]:
+        assert row["new_tokens"] == NEW_TOKENS  # no eos in the tiny model: every method runs to the limit
+        assert row["identical"] and row["divergence_gap"] is None
+        assert row["seconds"] > 0
+        assert (row["accepted_lengths"] is not None) == (row["method"] in bench.TREE_METHODS)
+    summary = {s["method"]: s for s in report["summary"]}
+    assert summary[bench.AUTOREGRESSIVE]["speedup_median"] == 1.0
+    for method in bench.TREE_METHODS:
+        assert summary[method]["tau"] >= 1.0
+        assert summary[method]["mismatches"] == 0
+        assert len(summary[method]["acceptance_by_depth"]) == 3  # the default tree cut to 3 heads
+
+
+def test_markdown_and_plots_come_from_the_json(report, tmp_path):
+    written = bench.write_report(report, tmp_path / "bench.json")
+    assert [p.name for p in written] == ["bench.json", "bench.md", "speedup_by_category.png", "acceptance_by_depth.png"]
+    assert json.loads((tmp_path / "bench.json").read_text()) == report
+    table = (tmp_path / "bench.md").read_text()
+    for s in report["summary"]:
+        assert f"| {s['method']} |" in table
+        assert f"{s['speedup_median']:.2f}x" in table
+
+
+def test_mismatches_are_counted_with_their_gap(base):
+    reference = torch.tensor([[5, 6, 7, 8, 9]])
+    other = torch.tensor([[5, 6, 7, 1, 9]])
+    divergence = bench.first_divergence(base, reference, other)
+    assert divergence.index == 3
+    top = base(reference[:, :3]).logits[0, -1].topk(2).values
+    assert divergence.gap == pytest.approx(float(top[0] - top[1]))
+    assert bench.first_divergence(base, reference, reference.clone()) is None
+    assert bench.first_divergence(base, reference, reference[:, :4]).gap == float("inf")
+
+    def row(method: str, identical: bool, seconds: float) -> bench.PromptResult:
+        return bench.PromptResult(1, "writing", method, 5, seconds, None, None, identical, None if identical else 0.5)
+
+    rows = [row(bench.AUTOREGRESSIVE, True, 2.0), row("hydra", False, 1.0)]
+    hydra = bench.summarize(rows, [bench.AUTOREGRESSIVE, "hydra"], {})[1]
+    assert hydra.mismatches == 1 and hydra.speedup_median == 2.0 and hydra.speedup_total == 2.0
+
+
+def test_timings_are_taken_around_the_method_they_name(base):
+    """Each method's seconds cover its own run only: a runner sleeping 0.3 s is charged >= 0.3 s, and the
+    others are not charged for it."""
+    input_ids = torch.tensor([[1, 2, 3]])
+    sequence = torch.tensor([[1, 2, 3, 4]])
+
+    def quick(ids, n):
+        return sequence, None
+
+    def slow(ids, n):
+        time.sleep(0.3)
+        return sequence, [1]
+
+    runners = {bench.AUTOREGRESSIVE: quick, "hydra": slow, bench.PROMPT_LOOKUP: quick}
+    rows = bench._bench_prompt(base, runners, {"question_id": 7, "category": "math"}, input_ids, 1)
+    seconds = {r.method: r.seconds for r in rows}
+    assert seconds["hydra"] >= 0.3
+    assert seconds[bench.AUTOREGRESSIVE] < 0.3 and seconds[bench.PROMPT_LOOKUP] < 0.3
+
+
+def test_acceptance_by_depth():
+    # steps appending 1, 2, 3 and 3 tokens accepted drafts at depths {}, {1}, {1, 2}, {1, 2}
+    assert bench.acceptance_by_depth([1, 2, 3, 3], 3) == [0.75, 0.5, 0.0]
+    assert bench.acceptance_by_depth([], 3) == []
+
+
+def test_unknown_or_headless_methods_are_refused(base):
+    with pytest.raises(ValueError, match="Unknown methods"):
+        bench.method_runners(base, {}, ["fastest"])
+    with pytest.raises(ValueError, match="need heads"):
+        bench.method_runners(base, {}, ["hydra"])
