@@ -8,7 +8,7 @@ Nothing here imports a model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -216,3 +216,74 @@ def tree_attention_mask(tree: TreeBuffers, past: int, dtype: torch.dtype) -> tor
         dim=1,
     )
     return additive_mask(allowed, dtype)[None, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tree search: the best tree for measured head accuracies and a measured latency profile.
+
+
+@dataclass(frozen=True)
+class TreeChoice:
+    """A searched tree and the figures it was chosen by."""
+
+    paths: tuple[tuple[int, ...], ...]
+    expected_tau: float  # 1 + expected number of accepted drafts per step
+    expected_tokens_per_second: float  # expected_tau / (verify seconds of its size + drafting seconds)
+
+
+def path_probability(path: Sequence[int], rank_accuracy: Sequence[Sequence[float]]) -> float:
+    """P(every draft on `path` is accepted) = prod_k rank_accuracy[k][path[k]], where rank_accuracy[k][r]
+    is the measured probability that head k's rank-r candidate is the base's token (given a correct path)."""
+    probability = 1.0
+    for depth, rank in enumerate(path):
+        probability *= rank_accuracy[depth][rank] if rank < len(rank_accuracy[depth]) else 0.0
+    return probability
+
+
+def expected_tau(paths: Sequence[Sequence[int]], rank_accuracy: Sequence[Sequence[float]]) -> float:
+    """Expected tokens per verification step: 1 (the bonus) + sum over nodes of P(node accepted).
+
+    Siblings are mutually exclusive (one token is right), so the accepted path's length is the sum of
+    the acceptance indicators of all nodes, and tau = 1 + sum_nodes P(node accepted)."""
+    return 1.0 + sum(path_probability(p, rank_accuracy) for p in paths)
+
+
+def greedy_tree(rank_accuracy: Sequence[Sequence[float]], num_nodes: int) -> tuple[tuple[int, ...], ...]:
+    """The `num_nodes`-node tree maximising `expected_tau`, built greedily as in the Medusa paper: add the
+    frontier node (a child of the tree) with the largest acceptance probability, `num_nodes` times.
+
+    A child's probability never exceeds its parent's, so the greedy set is the top `num_nodes` paths by
+    probability among those whose parents are in the tree: optimal for this additive objective. The depth
+    is at most `len(rank_accuracy)` (one head per depth)."""
+    chosen: list[tuple[int, ...]] = []
+    frontier = {(rank,) for rank in range(len(rank_accuracy[0]))} if rank_accuracy else set()
+    while frontier and len(chosen) < num_nodes:
+        best = max(frontier, key=lambda p: (path_probability(p, rank_accuracy), -len(p), [-r for r in p]))
+        frontier.remove(best)
+        chosen.append(best)
+        if len(best) < len(rank_accuracy):
+            frontier |= {best + (rank,) for rank in range(len(rank_accuracy[len(best)]))}
+    return tuple(sorted(chosen, key=lambda p: (len(p), p)))
+
+
+def choose_tree(
+    rank_accuracy: Sequence[Sequence[float]],
+    verify_seconds: Sequence[float],
+    draft_seconds: Callable[[tuple[tuple[int, ...], ...]], float] = lambda paths: 0.0,
+) -> TreeChoice:
+    """The greedy tree whose size maximises expected tokens per second on this machine.
+
+    verify_seconds[m - 1]: measured seconds of one base forward over m tokens (m = nodes + 1, the root);
+    draft_seconds(paths): estimated drafting time of a tree."""
+    best: TreeChoice | None = None
+    for num_nodes in range(1, len(verify_seconds)):
+        paths = greedy_tree(rank_accuracy, num_nodes)
+        if len(paths) < num_nodes:
+            break  # no more nodes to add
+        tau = expected_tau(paths, rank_accuracy)
+        speed = tau / (verify_seconds[num_nodes] + draft_seconds(paths))
+        if best is None or speed > best.expected_tokens_per_second:
+            best = TreeChoice(paths=paths, expected_tau=tau, expected_tokens_per_second=speed)
+    if best is None:
+        raise ValueError("choose_tree needs latencies for at least 2 verified tokens and non-empty accuracies.")
+    return best
