@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
@@ -161,6 +162,27 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tune_tree(args: argparse.Namespace) -> int:
+    import json
+
+    from .training.features import FeatureStore
+    from .training.trainer import split_sequences
+    from .tree_tuning import tune_tree
+
+    model = HydraForCausalLM.from_pretrained(args.heads)
+    store = FeatureStore(args.features)
+    _, held_out = split_sequences(len(store), args.validation_fraction, args.seed)
+    report = tune_tree(model, store, held_out[: args.max_sequences], max_tokens=args.max_tokens)
+    paths = [list(p) for p in report.choice.paths]
+    model.config.tree = paths
+    model.generation_config.hydra_tree = paths
+    model.save_pretrained(args.heads)
+    (Path(args.heads) / "tree_tuning.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+    print(f"tree of {len(paths)} nodes: expected tau {report.choice.expected_tau:.2f}, "
+          f"expected {report.choice.expected_tokens_per_second:.1f} tokens/s; now the default tree of {args.heads}")
+    return 0
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     """One --option per TrainingArguments field, typed from its default."""
     from .training.trainer import TrainingArguments
@@ -220,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
     bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
     bench_parser.set_defaults(func=run_bench)
+
+    tune = commands.add_parser("tune-tree", help="measure heads and machine; store the fastest tree with the heads")
+    tune.add_argument("--heads", required=True, help="folder of trained heads (the tree is written into it)")
+    tune.add_argument("--features", required=True, help="feature folder the heads were trained on")
+    tune.add_argument("--validation-fraction", type=float, default=0.05, help="as in training: the held-out split")
+    tune.add_argument("--seed", type=int, default=0, help="as in training: the held-out split")
+    tune.add_argument("--max-sequences", type=int, default=200, help="held-out sequences to measure accuracy on")
+    tune.add_argument("--max-tokens", type=int, default=32, help="largest tree (+ root) whose latency is measured")
+    tune.set_defaults(func=run_tune_tree)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""`hf-hydra tune-tree`: measure the heads and the machine, then pick the tree that is fastest here.
+
+1. Rank accuracy of each head on held-out features (teacher forcing on the base's own text, so each
+   head is measured given a correct path): rank_accuracy[k][r] = P(head k's rank-r candidate is the
+   base's greedy token).
+2. Latency of one base verification forward over m = 1..M tokens on a KV cache, on this machine.
+3. `tree.choose_tree`: the greedy tree of each size, its expected tau, and the size with the most
+   expected tokens per second (drafting time measured for each candidate tree).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .drafting import draft_tree
+from .modeling_hydra import HydraForCausalLM
+from .training.features import FeatureStore
+from .tree import TreeChoice, build_tree_buffers, choose_tree
+
+
+@dataclass(frozen=True)
+class TuningReport:
+    rank_accuracy: list[list[float]]  # [head][rank]
+    verify_seconds: list[float]  # [m - 1]: one base forward over m tokens
+    choice: TreeChoice
+
+
+@torch.no_grad()
+def measure_rank_accuracy(
+    model: HydraForCausalLM, store: FeatureStore, sequence_indices: Sequence[int], max_rank: int = 10
+) -> list[list[float]]:
+    """rank_accuracy[k][r] for heads k and ranks r < max_rank over the given (held-out) sequences."""
+    heads = model.heads
+    hits = torch.zeros(heads.num_heads, max_rank)
+    totals = torch.zeros(heads.num_heads)
+    embed = model.base_lm.get_input_embeddings()
+    column_of = _draft_columns(heads.draft_token_ids, store.meta.vocab_size)
+    for index in tqdm(sequence_indices, desc="rank accuracy", unit="seq"):
+        features = store.sequence(index)
+        hidden = features.hidden[None].to(model.dtype)  # (1, T, d)
+        positions = torch.arange(hidden.shape[1])[None]  # (1, T)
+        context = heads.encode_context(hidden, positions, None)
+        logits = heads.teacher_forced_logits(context, embed(features.input_ids[None]))[0]  # (H, T, V or K)
+        for head in range(heads.num_heads):
+            shift = head + 2
+            targets = features.loss_mask[shift:].nonzero().squeeze(-1)  # positions t with x_{t+s} a target
+            greedy = features.teacher_ids[targets + shift - 1, 0]  # the base's own token at t + s
+            columns = column_of[greedy] if column_of is not None else greedy
+            rows = logits[head, targets]  # (N, V or K)
+            target_logit = rows.gather(1, columns.clamp(min=0)[:, None])  # (N, 1)
+            rank = (rows > target_logit).sum(dim=1)  # (N,) 0 = top-1
+            rank[columns < 0] = max_rank  # outside the draft vocabulary: never drafted
+            hits[head] += torch.bincount(rank[rank < max_rank], minlength=max_rank).float()
+            totals[head] += targets.numel()
+    return (hits / totals.clamp(min=1)[:, None]).tolist()
+
+
+def _draft_columns(draft_token_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor | None:
+    if draft_token_ids is None:
+        return None
+    columns = torch.full((vocab_size,), -1, dtype=torch.long)
+    columns[draft_token_ids] = torch.arange(draft_token_ids.numel())
+    return columns
+
+
+@torch.no_grad()
+def measure_verify_seconds(
+    model: HydraForCausalLM, max_tokens: int, context_length: int = 300, repeats: int = 5
+) -> list[float]:
+    """Median seconds of one base forward over m = 1..max_tokens new tokens after `context_length` cached."""
+    base = model.base_lm
+    vocab = base.get_output_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(vocab, (1, context_length), generator=generator).to(base.device)
+    prefix = base(input_ids=prompt, use_cache=True).past_key_values
+    seconds = []
+    for m in tqdm(range(1, max_tokens + 1), desc="verify latency", unit="size"):
+        tokens = torch.randint(vocab, (1, m), generator=generator).to(base.device)
+        runs = []
+        for _ in range(repeats + 1):  # the first run warms up
+            cache = copy.deepcopy(prefix)
+            start = time.perf_counter()
+            base(input_ids=tokens, past_key_values=cache, use_cache=True)
+            if base.device.type == "cuda":
+                torch.cuda.synchronize(base.device)
+            runs.append(time.perf_counter() - start)
+        seconds.append(statistics.median(runs[1:]))
+    return seconds
+
+
+@torch.no_grad()
+def measure_draft_seconds(model: HydraForCausalLM, paths: tuple[tuple[int, ...], ...], repeats: int = 5) -> float:
+    """Median seconds to draft one tree of these paths with the model's heads."""
+    tree = build_tree_buffers(paths, model.config.num_heads).to(model.device)
+    context = torch.randn(model.config.base_hidden_size, dtype=model.dtype, device=model.device)
+    root = torch.tensor(0, device=model.device)
+    embed = model.base_lm.get_input_embeddings()
+    runs = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        draft_tree(model.heads, tree, context, root, embed)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs[1:])
+
+
+def tune_tree(
+    model: HydraForCausalLM,
+    store: FeatureStore,
+    sequence_indices: Sequence[int],
+    max_tokens: int = 32,
+    max_rank: int = 10,
+) -> TuningReport:
+    """Measure, then choose the tree; the caller stores `report.choice.paths` with the heads."""
+    model.eval()
+    accuracy = measure_rank_accuracy(model, store, sequence_indices, max_rank)
+    accuracy = accuracy[: model.config.num_heads]
+    verify = measure_verify_seconds(model, max_tokens)
+    choice = choose_tree(accuracy, verify, lambda paths: measure_draft_seconds(model, paths))
+    return TuningReport(rank_accuracy=accuracy, verify_seconds=verify, choice=choice)

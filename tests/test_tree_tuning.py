@@ -1,0 +1,92 @@
+"""tune-tree on a tiny model: rank accuracies against a direct computation, a valid and stored tree."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VOCAB, make_tiny_model
+
+from hf_hydra import HydraForCausalLM
+from hf_hydra.cli import main
+from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features
+from hf_hydra.tree_tuning import measure_rank_accuracy, measure_verify_seconds, tune_tree
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return make_tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def store(base, tmp_path_factory) -> FeatureStore:
+    rng = np.random.default_rng(0)
+    sequences = [
+        TokenizedSequence(rng.integers(0, TINY_VOCAB, size=20).tolist(), [0] * 4 + [1] * 16) for _ in range(6)
+    ]
+    out = tmp_path_factory.mktemp("features")
+    prepare_features(base, sequences, out, base_model_id="tiny", teacher_topk=4)
+    return FeatureStore(out)
+
+
+@pytest.mark.parametrize("head_arch", ["medusa", "hydra", "hydra++"])
+def test_rank_accuracy_matches_a_direct_computation(base, store, head_arch):
+    torch.manual_seed(0)
+    model = HydraForCausalLM.from_base(base, head_arch=head_arch, num_heads=2)
+    accuracy = measure_rank_accuracy(model, store, [0, 1, 2], max_rank=5)
+    embed = base.get_input_embeddings()
+    for head in range(2):
+        shift = head + 2
+        hits, total = torch.zeros(5), 0
+        for index in [0, 1, 2]:
+            f = store.sequence(index)
+            positions = torch.arange(f.hidden.shape[0])[None]
+            context = model.heads.encode_context(f.hidden[None], positions, None)[0]  # (T, d)
+            for t in range(f.hidden.shape[0] - shift):
+                if not f.loss_mask[t + shift]:
+                    continue
+                path = embed(f.input_ids[t + 1 : t + head + 2])  # E(x_{t+1}) .. E(x_{t+head+1})
+                logits = model.heads(head, context[t], path if model.heads.sequential else None)
+                rank = int((logits > logits[f.teacher_ids[t + shift - 1, 0]]).sum())
+                total += 1
+                if rank < 5:
+                    hits[rank] += 1
+        assert accuracy[head] == pytest.approx((hits / total).tolist(), abs=1e-6)
+
+
+def test_tune_tree_returns_a_valid_fast_tree(base, store):
+    model = HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=3)
+    report = tune_tree(model, store, [0, 1], max_tokens=6, max_rank=3)
+    assert len(report.verify_seconds) == 6 and all(s > 0 for s in report.verify_seconds)
+    assert 1 <= len(report.choice.paths) <= 5 and max(len(p) for p in report.choice.paths) <= 3
+    assert report.choice.expected_tau >= 1.0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    plain = base.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, speculative=True, tree=report.choice.paths), plain)
+
+
+def test_verify_latency_is_measured_per_size(base):
+    model = HydraForCausalLM.from_base(base, head_arch="medusa", num_heads=2)
+    seconds = measure_verify_seconds(model, max_tokens=3, context_length=16, repeats=2)
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+
+
+def test_cli_stores_the_tuned_tree_with_the_heads(base, store, tmp_path):
+    base_dir, heads_dir = tmp_path / "base", tmp_path / "heads"
+    base.save_pretrained(base_dir)
+    loaded = type(base).from_pretrained(base_dir)
+    HydraForCausalLM.from_base(loaded, head_arch="hydra", num_heads=2).save_pretrained(heads_dir)
+    code = main(
+        ["tune-tree", "--heads", str(heads_dir), "--features", str(store.folder), "--validation-fraction", "0.5",
+         "--max-tokens", "5"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((heads_dir / "tree_tuning.json").read_text())
+    tuned = [list(p) for p in report["choice"]["paths"]]
+    reloaded = HydraForCausalLM.from_pretrained(heads_dir)
+    assert reloaded.generation_config.hydra_tree == tuned
+    assert reloaded.config.tree == tuned
