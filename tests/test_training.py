@@ -4,6 +4,7 @@ decode losslessly. All on a tiny random Llama saved to a temporary folder (offli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,6 @@ from hf_hydra.training.trainer import (
 
 TEACHER_TOPK = 8
 DRAFT_VOCAB = 64
-SCRIPT = Path(__file__).with_name("accelerate_train_script.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -334,6 +334,21 @@ def test_trained_heads_load_and_decode_losslessly(head_arch, projection, base_di
         assert model.heads.draft_token_ids.tolist() == expected_ids.tolist()
 
 
+def cli_options(args: TrainingArguments) -> list[str]:
+    """`hf-hydra train` options equal to `args` (the non-default ones)."""
+    options = []
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            options.append(flag if value else "--no-" + flag[2:])
+        else:
+            options += [flag, str(value)]
+    return options
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -341,7 +356,8 @@ def _free_port() -> int:
 
 
 def test_two_process_accelerate_launch(base_dir, features_dir, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: 2 gloo processes."""
+    """The documented command, `accelerate launch --multi_gpu --num_processes 2 -m hf_hydra.cli train ...`, on a
+    CPU-only machine: 2 gloo processes."""
     args = tiny_args(base_dir, features_dir, tmp_path / "ddp", max_steps=3, save_every=2)
     command = [
         sys.executable,
@@ -358,8 +374,10 @@ def test_two_process_accelerate_launch(base_dir, features_dir, tmp_path):
         "no",
         "--main_process_port",
         str(_free_port()),
-        str(SCRIPT),
-        json.dumps(args.__dict__),
+        "-m",
+        "hf_hydra.cli",
+        "train",
+        *cli_options(args),
     ]
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
