@@ -15,13 +15,18 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
-from .drafting import draft_tree
+from .drafting import draft_tree, sample_chain
 from .heads import DraftHeads
 from .tree import build_tree_buffers, chain
 
 
 class HydraCandidateGenerator(CandidateGenerator):
-    """Drafts a chain of `num_candidates` top-1 tokens per step from the heads.
+    """Drafts a chain of `num_candidates` tokens per step from the heads.
+
+    Greedy (`do_sample=False`): the heads' top-1 tokens, and no logits (transformers compares tokens).
+    Sampling: each draft is sampled from its head's distribution after `logits_processor` and those
+    logits are returned, so transformers' own speculative sampling (`_speculative_sampling`: accept with
+    min(1, p/q), else resample from norm(max(p - q, 0))) keeps the output distributed as plain sampling.
 
     It reads the verifier's own last hidden states (`requires_model_outputs`), so drafting costs no
     extra base forward. The first call returns no candidates so that the verifier's first call is the
@@ -31,13 +36,26 @@ class HydraCandidateGenerator(CandidateGenerator):
     requires_model_outputs = True
     model_kwargs_overrides = {"output_hidden_states": True}
 
-    def __init__(self, heads: DraftHeads, embed_tokens: nn.Embedding, num_candidates: int | None = None) -> None:
+    def __init__(
+        self,
+        heads: DraftHeads,
+        embed_tokens: nn.Embedding,
+        num_candidates: int | None = None,
+        do_sample: bool = False,
+        logits_processor: LogitsProcessorList | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
         num_candidates = heads.num_heads if num_candidates is None else num_candidates
         if not 1 <= num_candidates <= heads.num_heads:
             raise ValueError(f"num_candidates must be in 1..{heads.num_heads} (one per head), got {num_candidates}.")
+        if do_sample and vocab_size is None:
+            raise ValueError("HydraCandidateGenerator needs vocab_size (the base's V) to sample drafts.")
         self.heads = heads
         self.embed_tokens = embed_tokens
         self.chain = build_tree_buffers(chain(num_candidates), heads.num_heads)
+        self.do_sample = do_sample
+        self.logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
+        self.vocab_size = vocab_size
         self.context_cache: DynamicCache | None = heads.new_context_cache()
         self.num_verified = 0  # positions already passed through heads.encode_context
 
@@ -49,8 +67,9 @@ class HydraCandidateGenerator(CandidateGenerator):
         is_first_iteration: bool = False,
         n_last_matches: int = 0,
         **kwargs,
-    ) -> tuple[torch.LongTensor, None]:
-        """input_ids (1, S) ends with the verifier's newest token, not yet verified -> (1, S + c)."""
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        """input_ids (1, S) ends with the verifier's newest token, not yet verified -> (1, S + c), and with
+        sampling the drafts' processed logits (1, c, V)."""
         if is_first_iteration:
             return input_ids, None
         if model_outputs is None or model_outputs.hidden_states is None:
@@ -60,6 +79,12 @@ class HydraCandidateGenerator(CandidateGenerator):
         positions = (self.num_verified + torch.arange(newly_verified, device=input_ids.device))[None]  # (1, n)
         context = self.heads.encode_context(hidden, positions, self.context_cache)[0, -1]  # (d,)
         self.num_verified += newly_verified
+        if self.do_sample:
+            length = self.chain.num_tokens - 1
+            drafted = sample_chain(
+                self.heads, length, context, input_ids, self.embed_tokens, self.logits_processor, self.vocab_size
+            )
+            return torch.cat([input_ids, drafted.tokens[None]], dim=1), drafted.logits[None]
         self.chain = self.chain.to(input_ids.device)
         draft = draft_tree(self.heads, self.chain, context, input_ids[0, -1], self.embed_tokens)
         return torch.cat([input_ids, draft.tokens[None, 1:]], dim=1), None

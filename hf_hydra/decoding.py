@@ -1,7 +1,8 @@
 """The tree decoding loop, run by transformers' `generate(custom_generate=...)`.
 
     prefill : base forward over the prompt -> first token, context vector
-    repeat  : draft (heads -> tree) -> verify (one base forward) -> accept (longest greedy path + bonus)
+    repeat  : draft (heads -> tree) -> verify (one base forward) -> score (logits processors per node)
+              -> accept (greedy / lossless / typical: a path + bonus)
               -> commit (compact the KV cache, advance the heads' context, stream, check stopping)
 
 `generate()` prepares the generation config, special tokens, a fresh `DynamicCache`, `max_length`,
@@ -17,9 +18,18 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .acceptance import greedy_accept
+from .acceptance import (
+    Acceptance,
+    AcceptanceRule,
+    acceptance_rule,
+    greedy_accept,
+    lossless_accept,
+    sample_token,
+    typical_accept,
+)
 from .drafting import draft_tree
 from .heads import DraftHeads
+from .processors import check_processors_supported, next_token_scores, node_scores
 from .tree import TreeBuffers
 from .verification import check_cache_supported, keep_accepted, verify_tree
 
@@ -47,29 +57,22 @@ class HydraGenerateOutput(GenerateDecoderOnlyOutput):
 
 @dataclass(frozen=True)
 class Prefill:
-    next_token: torch.Tensor  # () long, the base's greedy token after the prompt
+    logits: torch.Tensor  # (V,) the base's next-token logits after the prompt
     context: torch.Tensor  # (d,) the heads' context vector at the last prompt position
 
 
-def check_greedy_request(
+def check_request(
     input_ids: torch.Tensor,
     generation_config: GenerationConfig,
     logits_processor: LogitsProcessorList,
     model_kwargs: dict,
 ) -> None:
-    """Refuse what the tree loop does not implement yet, naming the limitation."""
-    if generation_config.do_sample:
-        raise ValueError("speculative=True supports greedy decoding only for now; pass do_sample=False.")
+    """Refuse what the tree loop does not implement, naming the limitation."""
     if (generation_config.num_beams or 1) > 1 or (generation_config.num_return_sequences or 1) > 1:
         raise ValueError("speculative=True does not support beam search or num_return_sequences > 1.")
     if input_ids.shape[0] != 1:
         raise ValueError(f"speculative=True supports batch size 1 only (got {input_ids.shape[0]}); loop over prompts.")
-    if len(logits_processor) > 0:
-        names = ", ".join(type(p).__name__ for p in logits_processor)
-        raise ValueError(
-            f"speculative=True does not support logits processors yet ({names}); remove the options that "
-            "create them (e.g. repetition_penalty, min_new_tokens, bad_words_ids)."
-        )
+    check_processors_supported(logits_processor)
     flags = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
     if any(getattr(generation_config, flag, False) for flag in flags):
         raise ValueError(f"speculative=True does not return {', '.join(flags)}; leave them off.")
@@ -87,7 +90,36 @@ def prefill(
     hidden = out.hidden_states[-1]  # (1, L, d)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, L)
     context = heads.encode_context(hidden, positions, context_cache)[0, -1]  # (d,)
-    return Prefill(next_token=out.logits[0, -1].argmax(), context=context)
+    return Prefill(logits=out.logits[0, -1], context=context)
+
+
+def first_token(
+    rule: AcceptanceRule, scores: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The token after the prompt from its processed scores (V,): argmax, or a sample as plain sampling draws."""
+    if rule.name == "greedy":
+        return scores.argmax()
+    return sample_token(scores.softmax(dim=-1), generator)
+
+
+def accept(
+    rule: AcceptanceRule,
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    sequence: torch.Tensor,
+    tree: TreeBuffers,
+    logits_processor: LogitsProcessorList,
+    generator: torch.Generator | None,
+) -> Acceptance:
+    """Score every node with its own prefix (logits processors), then apply the call's acceptance rule.
+    tokens: (T,) drafted tree; logits: (T, V) the verification's; sequence: (1, S) ends with the root."""
+    scores = node_scores(logits, sequence, tokens, tree, logits_processor)  # (T, V)
+    if rule.name == "greedy":
+        return greedy_accept(tokens, scores, tree)
+    probs = scores.softmax(dim=-1)  # (T, V) float32, as plain sampling computes them
+    if rule.name == "typical":
+        return typical_accept(tokens, probs, tree, rule.posterior_threshold, rule.posterior_alpha, generator)
+    return lossless_accept(tokens, probs, tree, generator)
 
 
 def append_until_stop(
@@ -111,16 +143,32 @@ def tree_speculative_generate(
     heads: DraftHeads | None = None,
     tree: TreeBuffers | None = None,
     streamer: BaseStreamer | None = None,
+    acceptance: str | None = None,
+    posterior_threshold: float | None = None,
+    posterior_alpha: float | None = None,
+    generator: torch.Generator | None = None,
     **model_kwargs,
 ) -> torch.LongTensor | HydraGenerateOutput:
-    """`custom_generate` callable: greedy tree speculative decoding of `model` (the base) with `heads`.
+    """`custom_generate` callable: tree speculative decoding of `model` (the base) with `heads`.
 
-    input_ids: (1, L). Returns (1, L + n) like greedy `generate`, or a `HydraGenerateOutput` with
+    Greedy (`do_sample=False`): the same tokens as greedy `generate`. Sampling: `acceptance="lossless"`
+    (default: `generation_config.hydra_acceptance`) samples exactly from the base's distribution after
+    generate's logits processors (temperature, top-k, top-p, min-p, repetition penalty, ...);
+    `acceptance="typical"` is the papers' typical acceptance (`posterior_threshold` eps = 0.09,
+    `posterior_alpha` delta = 0.3), faster but not distribution-preserving. Random draws come from
+    `generator`, or from torch's global RNG (seed it with `torch.manual_seed`) when None.
+
+    input_ids: (1, L). Returns (1, L + n) like `generate`, or a `HydraGenerateOutput` with
     `speculation` statistics when `return_dict_in_generate=True`.
     """
     if heads is None or tree is None:
         raise ValueError("tree_speculative_generate needs heads= and tree=; call HydraForCausalLM.generate.")
-    check_greedy_request(input_ids, generation_config, logits_processor, model_kwargs)
+    check_request(input_ids, generation_config, logits_processor, model_kwargs)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+    if acceptance is None:
+        acceptance = getattr(generation_config, "hydra_acceptance", None)
+    rule = acceptance_rule(bool(generation_config.do_sample), acceptance, posterior_threshold, posterior_alpha)
     cache = model_kwargs.get("past_key_values")
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
         raise ValueError("speculative=True starts from an empty DynamicCache; do not pass past_key_values.")
@@ -132,17 +180,18 @@ def tree_speculative_generate(
 
     start = prefill(model, heads, input_ids, cache, context_cache)
     check_cache_supported(cache)
-    sequence, finished = append_until_stop(input_ids, start.next_token[None], stopping_criteria)
-    root, context = start.next_token, start.context
+    root = first_token(rule, next_token_scores(start.logits, input_ids, logits_processor), generator)
+    sequence, finished = append_until_stop(input_ids, root[None], stopping_criteria)
+    context = start.context
     accepted_lengths: list[int] = []
     if streamer is not None:
-        streamer.put(start.next_token[None].cpu())
+        streamer.put(root[None].cpu())
 
     while not finished:
         past = cache.get_seq_length()
         draft = draft_tree(heads, tree, context, root, embed_tokens)
         verified = verify_tree(model, cache, draft.tokens, tree)
-        accepted = greedy_accept(draft.tokens, verified.logits, tree)
+        accepted = accept(rule, draft.tokens, verified.logits, sequence, tree, logits_processor, generator)
         keep_accepted(cache, past, accepted.nodes, tree.num_tokens)
         positions = (past + torch.arange(accepted.nodes.shape[0], device=input_ids.device))[None]  # (1, a)
         context = heads.encode_context(verified.hidden[accepted.nodes][None], positions, context_cache)[0, -1]

@@ -3,6 +3,10 @@
 Medusa heads are independent: head k-1 is called once and its top-k fills all nodes of depth k.
 Hydra heads are sequential: depth by depth, one batched head call over the frontier (the parents of
 that depth's nodes), each path's input growing by the embedding of the token just chosen for it.
+
+`sample_chain` is the sampling drafter of the chain candidate generator (transformers' assisted loop):
+each draft is sampled from its head's processed distribution, which is returned with it as the proposal
+transformers' speculative sampling needs.
 """
 
 from __future__ import annotations
@@ -11,16 +15,31 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.generation import LogitsProcessorList
 
+from .acceptance import sample_token
 from .heads import DraftHeads
 from .tree import TreeBuffers, TreeLevel
 
 
 @dataclass(frozen=True)
 class DraftTree:
-    """Tokens of one candidate tree in node order; `tokens[0]` is the root (the base's own next token)."""
+    """Tokens of one candidate tree in node order; `tokens[0]` is the root (the base's own next token).
+
+    The tokens are all that acceptance needs, also for lossless sampling: a node's children are the top-k
+    of its head, a deterministic function of the prefix, so as a proposal each child is a point mass on
+    its token (see `hf_hydra.acceptance`), whatever the heads' probabilities were.
+    """
 
     tokens: torch.Tensor  # (T,) long
+
+
+@dataclass(frozen=True)
+class DraftChain:
+    """A sampled chain of drafts and the distributions they were sampled from (the proposals q)."""
+
+    tokens: torch.Tensor  # (c,) long, the drafts after the root
+    logits: torch.Tensor  # (c, V) float32 processed head logits over the base vocabulary; q_i = softmax(logits[i])
 
 
 @torch.no_grad()
@@ -66,3 +85,38 @@ def _top_tokens(
     if heads.draft_token_ids is not None:
         top = heads.draft_token_ids[top]
     return top
+
+
+@torch.no_grad()
+def sample_chain(
+    heads: DraftHeads,
+    length: int,
+    context: torch.Tensor,
+    sequence: torch.Tensor,
+    embed_tokens: nn.Embedding,
+    logits_processor: LogitsProcessorList,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+) -> DraftChain:
+    """Sample `length` drafts after `sequence` (1, S), which ends with the root, one head after the other:
+    draft i ~ q_i = softmax(logits_processor(sequence + drafts so far, head i's logits)), the processors
+    applied as plain sampling applies them to the base (so q is warped like the target p).
+
+    context: (d,) the heads' context vector at the last verified position; vocab_size: the base's V (a
+    head with a reduced draft vocabulary gets -inf logits outside it).
+    """
+    drafted = sequence
+    path_embeds = embed_tokens(sequence[0, -1:])  # (1, d): the root
+    tokens, all_logits = [], []
+    for head_index in range(length):
+        head_logits = heads(head_index, context, path_embeds if heads.sequential else None).float()  # (V or K,)
+        if heads.draft_token_ids is not None:
+            full = head_logits.new_full((vocab_size,), -torch.inf)
+            head_logits = full.scatter(0, heads.draft_token_ids, head_logits)  # (V,)
+        scores = logits_processor(drafted, head_logits[None])[0] if len(logits_processor) else head_logits
+        token = sample_token(scores.softmax(dim=-1), generator)[None]  # (1,)
+        tokens.append(token[0])
+        all_logits.append(scores)
+        drafted = torch.cat([drafted, token[None]], dim=1)
+        path_embeds = torch.cat([path_embeds, embed_tokens(token)], dim=0)  # (i + 2, d)
+    return DraftChain(tokens=torch.stack(tokens), logits=torch.stack(all_logits))

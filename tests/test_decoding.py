@@ -17,6 +17,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, StoppingCriteria, StoppingCriteriaList
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_hydra import HydraForCausalLM, HydraGenerateOutput, SpeculationStats, decoding
@@ -471,6 +472,44 @@ def test_without_return_dict_a_plain_tensor(tiny_model_factory) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Logits processors with greedy decoding: each tree node scored with its own prefix, as plain greedy does
+
+PROCESSOR_OPTIONS: dict[str, dict] = {
+    "repetition_penalty": {"repetition_penalty": 1.3},
+    "no_repeat_ngram_size": {"no_repeat_ngram_size": 2},
+    "min_new_tokens": {"min_new_tokens": 10, "eos_token_id": 0},
+    "bad_words_and_suppress": {"bad_words_ids": [[2], [5, 6]], "suppress_tokens": [7]},
+}
+
+
+@pytest.mark.parametrize("options", PROCESSOR_OPTIONS)
+@pytest.mark.parametrize("head_arch", HEAD_ARCHS)
+def test_greedy_with_logits_processors_equals_plain_greedy(tiny_model_factory, head_arch: str, options: str) -> None:
+    model = _hydra(tiny_model_factory, "llama", head_arch)
+    kwargs = PROCESSOR_OPTIONS[options] | {"max_new_tokens": NEW_TOKENS}
+    changed = 0
+    for prompt in _prompts(SMALL_VOCAB):
+        plain = _plain(model, prompt, **kwargs)
+        changed += not torch.equal(plain, _plain(model, prompt, max_new_tokens=NEW_TOKENS))
+        for tree in ("cpu_small_11", "mc_sim_7b_63", FULL_TREE):
+            out = _speculative(model, prompt, tree=tree, **kwargs)
+            assert torch.equal(out.sequences, plain), (tree, prompt.tolist())
+        assert torch.equal(model.generate(prompt, speculative="assisted", **kwargs), plain)
+    if options != "min_new_tokens":  # EOS 0 may never come up greedily: then min_new_tokens changes nothing
+        assert changed >= 1  # the option does change the output, so the comparison means something
+
+
+def test_greedy_with_min_new_tokens_and_an_eos_that_comes_early(tiny_model_factory) -> None:
+    """EOS is suppressed for the first min_new_tokens tokens, also inside an accepted path."""
+    model = _hydra(tiny_model_factory, "llama", "hydra")
+    prompt, _, eos, position = _mid_path_stop(model)
+    kwargs = {"max_new_tokens": NEW_TOKENS, "eos_token_id": eos, "min_new_tokens": position + 3}
+    plain = _plain(model, prompt, **kwargs)
+    assert plain.shape[1] > prompt.shape[1] + position + 1  # the early EOS was suppressed
+    assert torch.equal(_speculative(model, prompt, tree=FULL_TREE, **kwargs).sequences, plain)
+
+
+# ------------------------------------------------------------------------------------------------------
 # Other ways in, and what is refused
 
 
@@ -557,14 +596,21 @@ def _refused(model: HydraForCausalLM, match: str, prompt: torch.Tensor | None = 
         model.generate(prompt, max_new_tokens=5, **kwargs)
 
 
+class _KeepScores(LogitsProcessor):
+    """A user's own processor: not known to be row-wise, so the tree loop refuses it."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores
+
+
 BATCH_OF_TWO = torch.tensor([[1, 2, 3], [4, 5, 6]])
 REFUSED: dict[str, tuple[str, dict]] = {
     "batch": ("batch size 1", {"prompt": BATCH_OF_TWO}),
-    "sampling": ("do_sample=False", {"do_sample": True}),
     "beams": ("beam search", {"num_beams": 2}),
     "return_sequences": ("num_return_sequences", {"num_return_sequences": 2}),
-    "repetition_penalty": ("logits processors.*RepetitionPenaltyLogitsProcessor", {"repetition_penalty": 1.2}),
-    "min_new_tokens": ("logits processors", {"min_new_tokens": 3, "eos_token_id": 3}),
+    "custom_logits_processor": ("row-wise.*_KeepScores", {"logits_processor": LogitsProcessorList([_KeepScores()])}),
+    "classifier_free_guidance": ("UnbatchedClassifierFreeGuidanceLogitsProcessor", {"guidance_scale": 1.5}),
+    "sampled_beams": ("beam search", {"num_beams": 2, "do_sample": True}),
     "tree_too_deep_by_name": ("only 4 draft heads", {"tree": "chain-5"}),
     "tree_too_deep_by_paths": ("depth 5", {"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]}),
     "unknown_tree": ("Unknown tree", {"tree": "no_such_tree"}),
@@ -573,7 +619,7 @@ REFUSED: dict[str, tuple[str, dict]] = {
     "output_scores": ("output_scores", {"output_scores": True, "return_dict_in_generate": True}),
     "bad_mode": ("speculative must be", {"speculative": "fast"}),
     "assisted_batch": ("batch", {"prompt": BATCH_OF_TWO, "speculative": "assisted"}),
-    "assisted_sampling": ("do_sample=False", {"do_sample": True, "speculative": "assisted"}),
+    "assisted_typical": ("lossless", {"do_sample": True, "speculative": "assisted", "acceptance": "typical"}),
 }
 
 
@@ -599,11 +645,11 @@ def test_a_filled_cache_is_refused(tiny_model_factory) -> None:
     _refused(model, "past_key_values", prompt=prompt, past_key_values=cache)
 
 
-def test_sampling_refused_also_from_the_generation_config(tiny_model_factory) -> None:
+def test_refused_also_from_the_generation_config(tiny_model_factory) -> None:
     from transformers import GenerationConfig
 
     model = _hydra(tiny_model_factory, "llama", "hydra")
-    _refused(model, "do_sample=False", generation_config=GenerationConfig(do_sample=True, max_new_tokens=5))
+    _refused(model, "beam search", generation_config=GenerationConfig(num_beams=2, max_new_tokens=5))
 
 
 def test_sliding_window_cache_is_refused(tiny_model_factory) -> None:
