@@ -183,6 +183,34 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_push(args: argparse.Namespace) -> int:
+    from . import hub
+
+    commit = hub.push_folder(
+        args.folder, args.repo, token=args.token, private=args.private or None, revision=args.revision,
+        commit_message=args.message, benchmark=args.benchmark,
+    )
+    print(f"pushed the heads in {args.folder} with their model card: {commit.commit_url}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from . import hub
+
+    base = AutoModelForCausalLM.from_pretrained(args.base) if args.base else None
+    model = HydraForCausalLM.from_pretrained(args.source, base_model=base)
+    if model.config.base_tokenizer_fingerprint is None:  # not in the cache yet: an artifact should record it
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.base or model.config.base_model_name_or_path)
+            model.config.base_tokenizer_fingerprint = hub.tokenizer_fingerprint(tokenizer)
+        except (OSError, ValueError) as error:
+            logging.getLogger(__name__).warning("No tokenizer for the base (%s): fingerprint not recorded.", error)
+    model.save_pretrained(args.out)
+    print(f"converted {model.config.reference_checkpoint['format']} checkpoint {args.source} to {args.out} "
+          f"({model.config.num_heads} {model.config.head_arch} heads on {model.config.base_model_name_or_path})")
+    return 0
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     """One --option per TrainingArguments field, typed from its default."""
     from .training.trainer import TrainingArguments
@@ -251,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-sequences", type=int, default=200, help="held-out sequences to measure accuracy on")
     tune.add_argument("--max-tokens", type=int, default=32, help="largest tree (+ root) whose latency is measured")
     tune.set_defaults(func=run_tune_tree)
+
+    push = commands.add_parser("push", help="upload saved heads (heads only) with their model card to the Hub")
+    push.add_argument("folder", help="folder written by save_pretrained / `hf-hydra train` / `hf-hydra convert`")
+    push.add_argument("--repo", required=True, help="Hub repo id, org/name (created when missing)")
+    push.add_argument("--benchmark", help="`hf-hydra bench` JSON: its tau / speed-up table goes into the card")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (default: main)")
+    push.add_argument("--message", help="commit message")
+    push.set_defaults(func=run_push)
+
+    convert = commands.add_parser("convert", help="save published Hydra / Medusa heads in hf_hydra's format")
+    convert.add_argument("source", help="folder or Hub repo of a reference checkpoint (e.g. a hydra-vicuna repo)")
+    convert.add_argument("out", help="folder to write the converted heads to")
+    convert.add_argument("--base", help="base model folder or Hub id (default: the one the checkpoint names)")
+    convert.set_defaults(func=run_convert)
     return parser
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .acceptance import ACCEPTANCE_RULES, LEGACY_ACCEPTANCE
 from .tree import DEFAULT_TREE_NAME, NAMED_TREES, resolve_tree
 
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
 VOCAB_PROJECTIONS = ("per_head", "shared", "draft_vocab")
-ACCEPTANCE_RULES = ("greedy",)
 
 
 class HydraConfig(PretrainedConfig):
@@ -25,6 +25,7 @@ class HydraConfig(PretrainedConfig):
         self,
         base_model_name_or_path: str | None = None,  # Hub id or local folder of the frozen base model
         base_model_revision: str | None = None,  # branch / tag / commit of the base on the Hub
+        base_tokenizer_fingerprint: str | None = None,  # hub.tokenizer_fingerprint of the base's tokenizer
         base_hidden_size: int | None = None,  # d of the base (the heads' width)
         base_vocab_size: int | None = None,  # V of the base
         head_arch: str = "hydra",  # "medusa" | "hydra" | "hydra++"
@@ -34,11 +35,12 @@ class HydraConfig(PretrainedConfig):
         vocab_projection: str = "per_head",  # "per_head" (own lm_head), "shared" (base lm_head), "draft_vocab"
         draft_vocab_size: int | None = None,  # K, the size of the reduced draft vocabulary ("draft_vocab")
         tree: str | list[list[int]] | None = None,  # default draft tree: a name or a list of rank paths
-        acceptance: str = "greedy",  # default acceptance rule for speculative generate
+        acceptance: str = "lossless",  # default rule for do_sample=True: "lossless" | "typical" (greedy is exact)
         **kwargs,
     ) -> None:
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
+        self.base_tokenizer_fingerprint = base_tokenizer_fingerprint
         self.base_hidden_size = base_hidden_size
         self.base_vocab_size = base_vocab_size
         self.head_arch = head_arch
@@ -52,7 +54,7 @@ class HydraConfig(PretrainedConfig):
             fits = isinstance(num_heads, int) and max(len(p) for p in default) <= num_heads
             tree = DEFAULT_TREE_NAME if fits else [list(p) for p in default if len(p) <= num_heads]
         self.tree = tree
-        self.acceptance = acceptance
+        self.acceptance = LEGACY_ACCEPTANCE.get(acceptance, acceptance)
         super().__init__(**kwargs)
         self.validate_heads()
 

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers.generation import StoppingCriteriaList, StopStringCriteria
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, cached_file
 
-from . import assets
+from . import assets, hub
 from .assisted import HydraCandidateGenerator, assisted_decoding
 from .configuration_hydra import HydraConfig
 from .decoding import tree_speculative_generate
@@ -100,7 +101,9 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             base_model_name_or_path=config_kwargs.pop(
                 "base_model_name_or_path", assets.portable_model_id(base_model.name_or_path)
             ),
-            base_model_revision=config_kwargs.pop("base_model_revision", _base_revision(base_model)),
+            base_model_revision=_base_revision(base_model, config_kwargs.pop("base_model_revision", None)),
+            base_tokenizer_fingerprint=config_kwargs.pop("base_tokenizer_fingerprint", None)
+            or hub.base_tokenizer_fingerprint(base_model),
             base_hidden_size=text_config.hidden_size,
             base_vocab_size=base_model.get_output_embeddings().weight.shape[0],
             head_arch=head_arch,
@@ -120,17 +123,26 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> HydraForCausalLM:
         """Load heads from a folder or Hub repo; the base comes from `base_model` or from the config.
 
-        Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the heads; other
-        keyword arguments (e.g. `dtype`, `device_map`) go to the base model's `from_pretrained`.
+        Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the heads (`token`,
+        `cache_dir` and `local_files_only` to the base too); other keyword arguments (e.g. `dtype`, `device_map`)
+        go to the base model's `from_pretrained`. Also loads the heads published with the Hydra and Medusa papers
+        (their own layouts, see `hub.py`); `hf-hydra convert` saves them in ours.
         """
         if model_args:
             raise TypeError("HydraForCausalLM.from_pretrained takes no extra positional arguments.")
         hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
         source = str(pretrained_model_name_or_path)
+        reference = hub.read_reference_checkpoint(source, hub_kwargs) if config is None else None
         if config is None:
-            config = HydraConfig.from_pretrained(source, **hub_kwargs)
+            config = reference.config if reference is not None else HydraConfig.from_pretrained(source, **hub_kwargs)
         if base_model is None:
-            base_model = _load_base(config, hub_kwargs.get("token"), **kwargs)
+            base_model = _load_base(config, hub_kwargs, **kwargs)
+        else:
+            hub.warn_if_base_differs(config, base_model)
+        if reference is not None:
+            model = cls(hub.config_for_base(reference, base_model), base_model)
+            hub.load_reference_weights(model, reference)
+            return model.eval()
         weights = _load_heads_state(source, hub_kwargs)
         model = cls(config, base_model, weights.get("heads.draft_token_ids"))
         _load_heads_weights(model, weights, source)
@@ -139,13 +151,33 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return model.eval()
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write `config.json`, `generation_config.json` and the heads' `model.safetensors`; never base weights."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, benchmark: str | os.PathLike | None = None, **kwargs
+    ) -> None:
+        """Write `config.json`, `generation_config.json`, the heads' `model.safetensors` and the model card
+        `README.md`; never base weights. `benchmark`: an `hf-hydra bench` JSON, copied beside the heads as
+        `benchmark.json`, whose tau / speed-up table the card shows."""
         kwargs.pop("state_dict", None)
         if kwargs.pop("safe_serialization", True) is False:
             raise ValueError("hf_hydra saves safetensors only; drop safe_serialization=False.")
+        push = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
+        push_to_hub = kwargs.pop("push_to_hub", False)
         heads_state = {f"heads.{k}": v.contiguous() for k, v in self.heads.state_dict().items()}
         super().save_pretrained(save_directory, state_dict=heads_state, **kwargs)
+        hub.write_model_card(save_directory, benchmark=benchmark)
+        if push_to_hub:  # after the card is written (transformers' own push would upload a generic one)
+            hub.push_folder(save_directory, push.pop("repo_id", Path(save_directory).name), **push)
+
+    def push_to_hub(
+        self, repo_id: str, *, benchmark: str | os.PathLike | None = None, tags: list[str] | None = None, **kwargs
+    ):
+        """Upload the heads (never base weights) with our model card to the Hub repo `repo_id`, created when
+        missing. Options as transformers' `push_to_hub` (`token`, `private`, `revision`, `commit_message`,
+        `commit_description`, `create_pr`); `benchmark`: an `hf-hydra bench` JSON for the card's speed table."""
+        kwargs.pop("max_shard_size", None)  # the heads are one small file
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return hub.push_folder(folder, repo_id, benchmark=benchmark, tags=tags, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # Training forward
@@ -192,20 +224,25 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> torch.LongTensor | ModelOutput:
         """Generate like the base model's `generate`, optionally with speculative decoding.
 
-        speculative: False -> the base model's plain `generate`. True or "tree" -> greedy tree speculative
-        decoding with the heads (same tokens, fewer base forwards); `tree` overrides the default tree of
-        `generation_config.hydra_tree`, and `return_dict_in_generate=True` adds `speculation` statistics
-        (steps, tokens, tau). "assisted" -> transformers' own assisted-decoding loop with the heads as a
-        chain drafter (`HydraCandidateGenerator`).
+        speculative: False -> the base model's plain `generate`. True or "tree" -> tree speculative
+        decoding with the heads (fewer base forwards): greedy gives the same tokens as plain greedy; with
+        `do_sample=True`, `acceptance="lossless"` (default: `generation_config.hydra_acceptance`) samples
+        exactly from the base's distribution after temperature / top-k / top-p / min-p / repetition
+        penalty, and `acceptance="typical"` (`posterior_threshold`=0.09, `posterior_alpha`=0.3) is the
+        papers' faster, not distribution-preserving rule; `generator=` a `torch.Generator` for the draws
+        (else torch's global RNG). `tree` overrides the default tree of `generation_config.hydra_tree`,
+        and `return_dict_in_generate=True` adds `speculation` statistics (steps, tokens, tau).
+        "assisted" -> transformers' own assisted-decoding loop with the heads as a chain drafter
+        (`HydraCandidateGenerator`; with sampling, transformers' lossless speculative sampling).
         """
         if speculative is False:
             return self.base_lm.generate(inputs, **kwargs)
         if speculative not in (True, "tree", "assisted"):
             raise ValueError(f"speculative must be False, True, 'tree' or 'assisted'; got {speculative!r}.")
-        _refuse_sampling(kwargs, self.base_lm.generation_config)
         streamer = kwargs.pop("streamer", None)
         _move_stop_strings_to_criteria(kwargs, self.base_lm.generation_config)
         if speculative == "assisted":
+            _check_assisted_options(kwargs, self.generation_config)
             decode = functools.partial(assisted_decoding, streamer=streamer)
             cache = DynamicCache(config=self.base_lm.config)
             with _stop_strings_hidden(self.generation_config, kwargs):
@@ -220,7 +257,13 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _get_candidate_generator(self, *args, **kwargs) -> HydraCandidateGenerator:
         """Private transformers hook used by its assisted loop: our heads are the drafter."""
-        return HydraCandidateGenerator(self.heads, self.base_lm.get_input_embeddings())
+        return HydraCandidateGenerator(
+            self.heads,
+            self.base_lm.get_input_embeddings(),
+            do_sample=bool(kwargs["generation_config"].do_sample),
+            logits_processor=kwargs.get("logits_processor"),
+            vocab_size=self.base_lm.get_output_embeddings().weight.shape[0],
+        )
 
     def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
         """Validated buffers of a tree for these heads (cached per tree)."""
@@ -241,10 +284,21 @@ def _cached_tree_buffers(paths: tuple[tuple[int, ...], ...], num_heads: int) -> 
     return build_tree_buffers(paths, num_heads)
 
 
-def _refuse_sampling(kwargs: dict, default_config: GenerationConfig) -> None:
+def _check_assisted_options(kwargs: dict, default_config: GenerationConfig) -> None:
+    """transformers' assisted loop samples losslessly, from torch's global RNG: refuse the tree loop's options."""
     generation_config = kwargs.get("generation_config") or default_config
-    if kwargs.get("do_sample", generation_config.do_sample):
-        raise ValueError("speculative decoding supports greedy decoding only for now; pass do_sample=False.")
+    acceptance = kwargs.pop("acceptance", None) or getattr(generation_config, "hydra_acceptance", None)
+    if kwargs.get("do_sample", generation_config.do_sample) and acceptance == "typical":
+        raise ValueError(
+            "speculative='assisted' uses transformers' lossless speculative sampling; typical acceptance needs "
+            "speculative=True (or pass acceptance='lossless')."
+        )
+    for name in ("posterior_threshold", "posterior_alpha", "generator"):
+        if kwargs.pop(name, None) is not None:
+            raise ValueError(
+                f"speculative='assisted' does not take {name} (transformers' loop draws from torch's global RNG; "
+                "seed it with torch.manual_seed); use speculative=True."
+            )
 
 
 @contextlib.contextmanager
@@ -300,17 +354,20 @@ def check_base_compatible(config: HydraConfig, base_model: PreTrainedModel) -> N
         )
 
 
-def _base_revision(base_model: PreTrainedModel) -> str | None:
-    return getattr(base_model.config, "_commit_hash", None)
+def _base_revision(base_model: PreTrainedModel, revision: str | None = None) -> str | None:
+    """The commit sha of a base loaded from the Hub (from the Hub cache), else `revision` as given."""
+    return hub.resolve_base_revision(base_model.name_or_path, revision)
 
 
-def _load_base(config: HydraConfig, token: str | None, **kwargs) -> PreTrainedModel:
+def _load_base(config: HydraConfig, hub_kwargs: dict, **kwargs) -> PreTrainedModel:
     if not config.base_model_name_or_path:
         raise ValueError("The heads' config names no base model; pass base_model=... to from_pretrained.")
+    for name in ("token", "cache_dir", "local_files_only"):  # where and how to reach the Hub: the base's too
+        if name in hub_kwargs:
+            kwargs.setdefault(name, hub_kwargs[name])
     return AutoModelForCausalLM.from_pretrained(
         assets.local_model_source(config.base_model_name_or_path),
         revision=config.base_model_revision,
-        token=token,
         **kwargs,
     )
 

@@ -21,7 +21,7 @@ from hf_hydra.heads import ProjectedResBlock, ResBlock
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
 NUM_HEADS = 4
 VOCAB = 16
-SAVED_FILES = {"config.json", "generation_config.json", "model.safetensors"}
+SAVED_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md"}  # README.md: the card
 DRAFT_IDS = torch.tensor([3, 0, 7, 12, 5, 9, 1, 14])  # K = 8 of the 16 tokens, deliberately unsorted
 
 
@@ -264,7 +264,7 @@ def test_wrong_tensor_shape_is_a_value_error(tiny_model_factory, tmp_path: Path)
         ({"vocab_projection": "draft_vocab"}, "draft_vocab_size"),
         ({"vocab_projection": "draft_vocab", "draft_vocab_size": 0}, "draft_vocab_size"),
         ({"vocab_projection": "draft_vocab", "draft_vocab_size": 20, "base_vocab_size": 16}, "exceeds"),
-        ({"acceptance": "typical"}, "acceptance"),
+        ({"acceptance": "nucleus"}, "acceptance"),
         ({"tree": "mc_sim_7b_63", "num_heads": 3}, "only 3 draft heads"),
         ({"tree": [[0], [0, 0], [0, 0, 0]], "num_heads": 2}, "only 2 draft heads"),
         ({"tree": "no_such_tree"}, "Unknown tree"),
