@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__
+from .decoding import STEP_PHASES, SpeculationStats
 from .modeling_hydra import HydraForCausalLM
 
 SCHEMA_VERSION = 1
@@ -44,6 +45,7 @@ class PromptResult:
     seconds: float
     steps: int | None  # base verification forwards (tree methods)
     accepted_lengths: list[int] | None  # tokens appended per step (tree methods)
+    phase_seconds: dict[str, float] | None  # prefill / draft / verify / accept / commit (tree methods)
     identical: bool  # output equals autoregressive greedy token for token
     divergence_gap: float | None  # when not identical: base top-2 logit gap at the first differing token
 
@@ -62,6 +64,7 @@ class MethodSummary:
     mismatches: int  # outputs differing from autoregressive greedy
     speedup_by_category: dict[str, float] = field(default_factory=dict)  # median per category
     acceptance_by_depth: list[float] = field(default_factory=list)  # P(draft at depth k accepted), tree methods
+    step_time_shares: dict[str, float] = field(default_factory=dict)  # draft/verify/accept/commit share of steps
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,13 @@ def acceptance_by_depth(accepted_lengths: Sequence[int], max_depth: int) -> list
     return [sum(n - 1 >= k for n in accepted_lengths) / len(accepted_lengths) for k in range(1, max_depth + 1)]
 
 
-Runner = Callable[[torch.Tensor, int], tuple[torch.Tensor, list[int] | None]]
+Runner = Callable[[torch.Tensor, int], tuple[torch.Tensor, SpeculationStats | None]]
 
 
 def method_runners(
     base: PreTrainedModel, heads: dict[str, HydraForCausalLM], methods: Sequence[str]
 ) -> dict[str, Runner]:
-    """A `(input_ids, max_new_tokens) -> (sequence, accepted lengths or None)` function per method."""
+    """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method."""
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose among {ALL_METHODS}.")
@@ -128,11 +131,11 @@ def method_runners(
 
 
 def _tree_runner(model: HydraForCausalLM) -> Runner:
-    def run(input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    def run(input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, SpeculationStats]:
         out = model.generate(
             input_ids, max_new_tokens=max_new_tokens, do_sample=False, speculative=True, return_dict_in_generate=True
         )
-        return out.sequences, list(out.speculation.accepted_lengths)
+        return out.sequences, out.speculation
 
     return run
 
@@ -217,7 +220,7 @@ def _bench_prompt(
     for method, runner in runners.items():
         _synchronize(input_ids.device)
         start = time.perf_counter()
-        sequence, accepted = runner(input_ids, max_new_tokens)
+        sequence, stats = runner(input_ids, max_new_tokens)
         _synchronize(input_ids.device)
         seconds = time.perf_counter() - start
         if reference is None:
@@ -230,8 +233,9 @@ def _bench_prompt(
                 method=method,
                 new_tokens=sequence.shape[1] - input_ids.shape[1],
                 seconds=seconds,
-                steps=len(accepted) if accepted is not None else None,
-                accepted_lengths=accepted,
+                steps=stats.steps if stats is not None else None,
+                accepted_lengths=list(stats.accepted_lengths) if stats is not None else None,
+                phase_seconds=stats.phase_seconds if stats is not None else None,
                 identical=divergence is None,
                 divergence_gap=None if divergence is None else divergence.gap,
             )
@@ -263,9 +267,17 @@ def summarize(
                 mismatches=sum(not r.identical for r in rows),
                 speedup_by_category={c: statistics.median(v) for c, v in sorted(by_category.items())},
                 acceptance_by_depth=acceptance_by_depth(accepted, tree_depths.get(method, 0)),
+                step_time_shares=step_time_shares([r.phase_seconds for r in rows if r.phase_seconds]),
             )
         )
     return summaries
+
+
+def step_time_shares(phase_seconds: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Share of the decoding steps' total time (prefill excluded) spent in each phase, over prompts."""
+    totals = {phase: sum(p.get(phase, 0.0) for p in phase_seconds) for phase in STEP_PHASES}
+    step = sum(totals.values())
+    return {phase: seconds / step for phase, seconds in totals.items()} if step else {}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -292,14 +304,16 @@ def markdown_table(report: dict) -> str:
         f"{settings['max_new_tokens']} new tokens; {machine['device']} ({machine['processor']}, "
         f"{machine['torch_threads']} threads), torch {machine['torch']}, transformers {machine['transformers']}.",
         "",
-        "| method | tau | tokens/s | speed-up (median) | speed-up (total time) | mismatches |",
-        "|---|---|---|---|---|---|",
+        "| method | tau | tokens/s | speed-up (median) | speed-up (total time) | mismatches | drafting + bookkeeping |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         tau = f"{s['tau']:.2f}" if s["tau"] is not None else "-"
+        shares = s["step_time_shares"]
+        overhead = f"{1 - shares['verify']:.0%} of a step" if shares else "-"
         lines.append(
             f"| {s['method']} | {tau} | {s['tokens_per_second']:.1f} | {s['speedup_median']:.2f}x "
-            f"| {s['speedup_total']:.2f}x | {s['mismatches']} |"
+            f"| {s['speedup_total']:.2f}x | {s['mismatches']} | {overhead} |"
         )
     return "\n".join(lines) + "\n"
 

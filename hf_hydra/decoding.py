@@ -11,7 +11,10 @@ logits processors and stopping criteria; this module does the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
@@ -41,11 +44,39 @@ class SpeculationStats:
     steps: int  # base verification forwards after the prefill
     new_tokens: int  # tokens generated, the prefill's first token included
     accepted_lengths: tuple[int, ...]  # tokens appended by each step (accepted drafts + bonus, cut at a stop)
+    phase_seconds: dict[str, float] = field(default_factory=dict, compare=False)  # wall time per phase, summed
 
     @property
     def tau(self) -> float:
         """Mean accepted length (>= 1); nan when no verification step ran."""
         return sum(self.accepted_lengths) / self.steps if self.steps else float("nan")
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of the decoding steps' time spent outside the base's verification forward (drafting,
+        acceptance, bookkeeping)."""
+        step = sum(v for k, v in self.phase_seconds.items() if k in STEP_PHASES)
+        return 1.0 - self.phase_seconds.get("verify", 0.0) / step if step else float("nan")
+
+
+STEP_PHASES = ("draft", "verify", "accept", "commit")
+
+
+class PhaseTimer:
+    """Sums wall time per named phase; waits for the device so asynchronous GPU work is charged to the
+    phase that launched it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -178,7 +209,9 @@ def tree_speculative_generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    start = prefill(model, heads, input_ids, cache, context_cache)
+    timer = PhaseTimer(input_ids.device)
+    with timer("prefill"):
+        start = prefill(model, heads, input_ids, cache, context_cache)
     check_cache_supported(cache)
     root = first_token(rule, next_token_scores(start.logits, input_ids, logits_processor), generator)
     sequence, finished = append_until_stop(input_ids, root[None], stopping_criteria)
@@ -189,19 +222,23 @@ def tree_speculative_generate(
 
     while not finished:
         past = cache.get_seq_length()
-        draft = draft_tree(heads, tree, context, root, embed_tokens)
-        verified = verify_tree(model, cache, draft.tokens, tree)
-        accepted = accept(rule, draft.tokens, verified.logits, sequence, tree, logits_processor, generator)
-        keep_accepted(cache, past, accepted.nodes, tree.num_tokens)
-        positions = (past + torch.arange(accepted.nodes.shape[0], device=input_ids.device))[None]  # (1, a)
-        context = heads.encode_context(verified.hidden[accepted.nodes][None], positions, context_cache)[0, -1]
-        root = accepted.bonus_token
-        new_tokens = torch.cat([draft.tokens[accepted.nodes[1:]], root[None]])  # (a,)
-        before = sequence.shape[1]
-        sequence, finished = append_until_stop(sequence, new_tokens, stopping_criteria)
-        accepted_lengths.append(sequence.shape[1] - before)
-        if streamer is not None:
-            streamer.put(sequence[0, before:].cpu())
+        with timer("draft"):
+            draft = draft_tree(heads, tree, context, root, embed_tokens)
+        with timer("verify"):
+            verified = verify_tree(model, cache, draft.tokens, tree)
+        with timer("accept"):
+            accepted = accept(rule, draft.tokens, verified.logits, sequence, tree, logits_processor, generator)
+        with timer("commit"):
+            keep_accepted(cache, past, accepted.nodes, tree.num_tokens)
+            positions = (past + torch.arange(accepted.nodes.shape[0], device=input_ids.device))[None]  # (1, a)
+            context = heads.encode_context(verified.hidden[accepted.nodes][None], positions, context_cache)[0, -1]
+            root = accepted.bonus_token
+            new_tokens = torch.cat([draft.tokens[accepted.nodes[1:]], root[None]])  # (a,)
+            before = sequence.shape[1]
+            sequence, finished = append_until_stop(sequence, new_tokens, stopping_criteria)
+            accepted_lengths.append(sequence.shape[1] - before)
+            if streamer is not None:
+                streamer.put(sequence[0, before:].cpu())
 
     if streamer is not None:
         streamer.end()
@@ -209,6 +246,7 @@ def tree_speculative_generate(
         steps=len(accepted_lengths),
         new_tokens=sequence.shape[1] - input_ids.shape[1],
         accepted_lengths=tuple(accepted_lengths),
+        phase_seconds=timer.seconds,
     )
     if generation_config.return_dict_in_generate:
         return HydraGenerateOutput(sequences=sequence, past_key_values=None, speculation=stats)

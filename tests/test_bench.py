@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model
 from transformers import AutoTokenizer
 
-from hf_hydra import HydraForCausalLM, assets, bench
+from hf_hydra import HydraForCausalLM, SpeculationStats, assets, bench
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,6 +52,12 @@ def test_report_schema_and_lossless_methods(report):
         assert summary[method]["tau"] >= 1.0
         assert summary[method]["mismatches"] == 0
         assert len(summary[method]["acceptance_by_depth"]) == 3  # the default tree cut to 3 heads
+        shares = summary[method]["step_time_shares"]
+        assert set(shares) == {"draft", "verify", "accept", "commit"} and sum(shares.values()) == pytest.approx(1.0)
+    for row in report["results"]:
+        if row["method"] in bench.TREE_METHODS:
+            phases = row["phase_seconds"]
+            assert sum(phases.values()) <= row["seconds"]  # the phases are inside the timed call
 
 
 def test_markdown_and_plots_come_from_the_json(report, tmp_path):
@@ -75,7 +81,9 @@ def test_mismatches_are_counted_with_their_gap(base):
     assert bench.first_divergence(base, reference, reference[:, :4]).gap == float("inf")
 
     def row(method: str, identical: bool, seconds: float) -> bench.PromptResult:
-        return bench.PromptResult(1, "writing", method, 5, seconds, None, None, identical, None if identical else 0.5)
+        return bench.PromptResult(
+            1, "writing", method, 5, seconds, None, None, None, identical, None if identical else 0.5
+        )
 
     rows = [row(bench.AUTOREGRESSIVE, True, 2.0), row("hydra", False, 1.0)]
     hydra = bench.summarize(rows, [bench.AUTOREGRESSIVE, "hydra"], {})[1]
@@ -93,7 +101,7 @@ def test_timings_are_taken_around_the_method_they_name(base):
 
     def slow(ids, n):
         time.sleep(0.3)
-        return sequence, [1]
+        return sequence, SpeculationStats(steps=1, new_tokens=1, accepted_lengths=(1,))
 
     runners = {bench.AUTOREGRESSIVE: quick, "hydra": slow, bench.PROMPT_LOOKUP: quick}
     rows = bench._bench_prompt(base, runners, {"question_id": 7, "category": "math"}, input_ids, 1)
