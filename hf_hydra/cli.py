@@ -108,16 +108,14 @@ def run_distill(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from .training.data import render
     from .training.distill import load_distilled
-    from .training.features import TokenizedSequence, prepare_features
+    from .training.features import TokenizedSequence, prepare_features, training_sequences
 
     base_path = args.base or assets.default_base_model_path()
     base = AutoModelForCausalLM.from_pretrained(base_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     conversations = load_distilled(args.data)[: args.limit]
-    sequences = []
-    for conversation in conversations:
-        rendered = render(tokenizer, conversation, max_length=args.max_length)
-        sequences.append(TokenizedSequence(rendered.input_ids, rendered.assistant_mask))
+    rendered = [render(tokenizer, conversation, max_length=args.max_length) for conversation in conversations]
+    sequences = training_sequences([TokenizedSequence(r.input_ids, r.assistant_mask) for r in rendered])
     report = prepare_features(
         base, sequences, args.out, assets.portable_model_id(str(base_path)), teacher_topk=args.teacher_topk
     )

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_hydra import HydraForCausalLM
 from hf_hydra.training import trainer
-from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features
+from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features, training_sequences
 from hf_hydra.training.losses import (
     combine_head_losses,
     draft_vocab_index,
@@ -393,3 +393,15 @@ def test_two_process_accelerate_launch(base_dir, features_dir, tmp_path):
     assert [r["step"] for r in train_lines] == [1, 2, 3]  # one writer
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     HydraForCausalLM.from_pretrained(args.output_dir, base_model=base)
+
+
+def test_answers_cut_off_by_truncation_are_dropped_and_never_trained_on(base_dir, tmp_path):
+    prompt_only = TokenizedSequence([1, 2, 3, 4], [0, 0, 0, 0])
+    answered = TokenizedSequence([1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 1, 1])
+    assert training_sequences([prompt_only, answered, prompt_only]) == [answered]
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    features = tmp_path / "features"
+    prepare_features(base, [prompt_only] * 4, features, base_model_id=str(base_dir), teacher_topk=TEACHER_TOPK)
+    with pytest.raises(ValueError, match="no target"):
+        train(tiny_args(base_dir, features, tmp_path / "out", max_steps=1))

@@ -20,6 +20,7 @@ Layout of a feature folder (N tokens over S sequences, d hidden size, k teacher 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,19 @@ class TokenizedSequence:
 
     input_ids: Sequence[int]
     loss_mask: Sequence[int]
+
+
+def training_sequences(rendered: Sequence[TokenizedSequence]) -> list[TokenizedSequence]:
+    """The sequences that still hold target tokens (a long prompt can push the whole answer past the
+    truncation length); how many were dropped is logged."""
+    kept = [s for s in rendered if any(s.loss_mask)]
+    if len(kept) < len(rendered):
+        logger.warning(
+            "%d of %d conversations have no assistant token left after truncation; skipped.",
+            len(rendered) - len(kept),
+            len(rendered),
+        )
+    return kept
 
 
 @dataclass(frozen=True)

@@ -554,6 +554,11 @@ def _setup(args: TrainingArguments) -> _Run:
     accelerator = make_accelerator(args)
     output_dir = Path(args.output_dir)
     store = FeatureStore(args.features_dir)
+    if int(store.target_token_counts().sum()) == 0:
+        raise ValueError(
+            f"The features in {args.features_dir} hold no target (assistant) tokens: every answer was cut off by "
+            "prepare's --max-length. Prepare again with a larger --max-length."
+        )
     train_indices, val_indices = split_sequences(len(store), args.validation_fraction, args.seed)
     set_seed(args.seed)  # identical head initialisation on every process
     base = load_base(args.base_model)
