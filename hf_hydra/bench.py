@@ -8,6 +8,7 @@ table and the plots are generated from it, never typed by hand.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -143,6 +144,17 @@ def _tree_runner(model: HydraForCausalLM) -> Runner:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def spread_over_categories(questions: Sequence[dict], limit: int | None = None) -> list[dict]:
+    """The first `limit` questions taken round-robin over the categories (one of each category first), so
+    a small `--limit` still covers every category; all of them, in that order, when `limit` is None."""
+    by_category: dict[str, list[dict]] = {}
+    for question in questions:
+        by_category.setdefault(question["category"], []).append(question)
+    rounds = itertools.zip_longest(*by_category.values())
+    ordered = [q for round_ in rounds for q in round_ if q is not None]
+    return ordered[:limit]
 
 
 def bench_prompts(

@@ -152,7 +152,7 @@ def run_bench(args: argparse.Namespace) -> int:
     ]
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
-    questions = assets.mt_bench_questions()[: args.limit]
+    questions = bench.spread_over_categories(assets.mt_bench_questions(), args.limit)
     report = bench.run_bench(base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn)
     written = bench.write_report(report, args.out)
     print(bench.markdown_table(report))
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="MT-Bench: tau, tokens/s, speed-up of each method vs greedy")
     bench_parser.add_argument("--heads", action="append", default=[], help="ARCH=PATH, e.g. hydra++=./heads")
     bench_parser.add_argument("--methods", help="comma-separated subset of the methods (default: all available)")
-    bench_parser.add_argument("--limit", type=int, help="first N questions only")
+    bench_parser.add_argument("--limit", type=int, help="N questions only, spread over the 8 categories")
     bench_parser.add_argument("--max-new-tokens", type=int, default=256)
     bench_parser.add_argument("--turn", type=int, default=1, choices=(1, 2))
     bench_parser.add_argument("--device", default="cpu")

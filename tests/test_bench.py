@@ -110,6 +110,14 @@ def test_timings_are_taken_around_the_method_they_name(base):
     assert seconds[bench.AUTOREGRESSIVE] < 0.3 and seconds[bench.PROMPT_LOOKUP] < 0.3
 
 
+def test_questions_spread_over_categories():
+    questions = assets.mt_bench_questions()
+    first_eight = bench.spread_over_categories(questions, 8)
+    assert len({q["category"] for q in first_eight}) == 8
+    everything = bench.spread_over_categories(questions)
+    assert sorted(q["question_id"] for q in everything) == sorted(q["question_id"] for q in questions)
+
+
 def test_acceptance_by_depth():
     # steps appending 1, 2, 3 and 3 tokens accepted drafts at depths {}, {1}, {1, 2}, {1, 2}
     assert bench.acceptance_by_depth([1, 2, 3, 3], 3) == [0.75, 0.5, 0.0]

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_hydra import HydraForCausalLM, assets
+from hf_hydra.bench import first_divergence, spread_over_categories
 from hf_hydra.cli import chat_input_ids
 
 pytestmark = pytest.mark.slow
@@ -37,34 +38,20 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[torch.Tensor]:
-    questions = assets.mt_bench_questions()
-    # One question from each category first, then the next ones: varied prompts.
-    by_category: dict[str, list[dict]] = {}
-    for question in questions:
-        by_category.setdefault(question["category"], []).append(question)
-    ordered = [q for group in zip(*by_category.values(), strict=False) for q in group]
+    ordered = spread_over_categories(assets.mt_bench_questions())  # one question of each category first
     return [chat_input_ids(tokenizer, q["turns"][0]) for q in ordered[:NUM_PROMPTS]]
-
-
-def top2_gap(base_model, sequence: torch.Tensor) -> float:
-    """Gap between the base's two best logits for the token after `sequence` (1, S)."""
-    with torch.no_grad():
-        logits = base_model(sequence).logits[0, -1]
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
 
 
 def assert_same_or_tie(base_model, plain: torch.Tensor, fast: torch.Tensor, prompt_length: int) -> str | None:
     """Equal sequences, or a first difference at a floating-point tie (returns its description)."""
-    if torch.equal(plain, fast):
+    divergence = first_divergence(base_model, plain, fast)
+    if divergence is None:
         return None
-    common = min(plain.shape[1], fast.shape[1])
-    differing = (plain[0, :common] != fast[0, :common]).nonzero()
-    assert differing.numel() > 0, f"one output is a prefix of the other: lengths {plain.shape[1]}, {fast.shape[1]}"
-    first = int(differing[0])
-    gap = top2_gap(base_model, plain[:, :first])
-    assert gap < TIE_TOLERANCE, f"outputs differ at new token {first - prompt_length} with a top-2 logit gap of {gap}"
-    return f"tie at new token {first - prompt_length}: top-2 gap {gap:.2e}"
+    where = divergence.index - prompt_length
+    assert divergence.gap < TIE_TOLERANCE, (
+        f"outputs differ at new token {where} with a top-2 logit gap of {divergence.gap}"
+    )
+    return f"tie at new token {where}: top-2 gap {divergence.gap:.2e}"
 
 
 @pytest.mark.parametrize("head_arch", ["hydra++"])
