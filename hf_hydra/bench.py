@@ -321,7 +321,7 @@ def markdown_table(report: dict) -> str:
     ]
     for s in report["summary"]:
         tau = f"{s['tau']:.2f}" if s["tau"] is not None else "-"
-        shares = s["step_time_shares"]
+        shares = s.get("step_time_shares")
         overhead = f"{1 - shares['verify']:.0%} of a step" if shares else "-"
         lines.append(
             f"| {s['method']} | {tau} | {s['tokens_per_second']:.1f} | {s['speedup_median']:.2f}x "

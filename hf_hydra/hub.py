@@ -308,24 +308,13 @@ def _benchmark_section(report: Any, arch: str) -> str:
     if report is None:
         return "Not measured yet: run `hf-hydra bench` and push again with `--benchmark bench.json`."
     _check_benchmark(report, Path(BENCHMARK_NAME))
-    settings, machine = report["settings"], report["machine"]
-    lines = [
-        f"MT-Bench turn {settings.get('turn')}, {settings.get('num_prompts')} prompts, greedy, "
-        f"{settings.get('max_new_tokens')} new tokens; {machine.get('device')} ({machine.get('processor')}, "
-        f"{machine.get('torch_threads')} threads), torch {machine.get('torch')}, transformers "
-        f"{machine.get('transformers')}. tau = tokens appended per base forward, bonus token included; "
-        f"speed-up against plain greedy `generate` on the same prompts. These heads are the `{arch}` row.",
-        "",
-        "| method | tau | tokens/s | speed-up (median) | speed-up (total time) | outputs differing from greedy |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in report["summary"]:
-        tau = f"{row['tau']:.2f}" if row["tau"] is not None else "-"
-        lines.append(
-            f"| {row['method']} | {tau} | {row['tokens_per_second']:.1f} | {row['speedup_median']:.2f}x "
-            f"| {row['speedup_total']:.2f}x | {row['mismatches']} |"
-        )
-    return "\n".join(lines)
+    from .bench import markdown_table  # bench imports the model, which imports this module
+
+    return (
+        markdown_table(report)
+        + "\ntau = tokens appended per base forward, bonus token included; speed-up against plain greedy "
+        f"`generate` on the same prompts. These heads are the `{arch}` row.\n"
+    )
 
 
 # ==================================================================================================
