@@ -8,7 +8,9 @@ from .acceptance import ACCEPTANCE_RULES, LEGACY_ACCEPTANCE
 from .tree import DEFAULT_TREE_NAME, NAMED_TREES, resolve_tree
 
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
-VOCAB_PROJECTIONS = ("per_head", "shared", "draft_vocab")
+VOCAB_PROJECTIONS = ("per_head", "shared", "draft_vocab", "shared_draft_vocab")
+# Projections onto a reduced draft vocabulary of K token ids (`draft_token_ids`).
+DRAFT_VOCAB_PROJECTIONS = ("draft_vocab", "shared_draft_vocab")
 
 
 class HydraConfig(PretrainedConfig):
@@ -32,8 +34,10 @@ class HydraConfig(PretrainedConfig):
         num_heads: int = 4,  # head i drafts the token i+2 positions after the last verified one
         num_layers: int = 1,  # residual blocks per head
         dropout: float = 0.0,  # Hydra++ only: dropout before each block and the output layer
-        vocab_projection: str = "per_head",  # "per_head" (own lm_head), "shared" (base lm_head), "draft_vocab"
-        draft_vocab_size: int | None = None,  # K, the size of the reduced draft vocabulary ("draft_vocab")
+        # "per_head" (own lm_head), "shared" (base lm_head, frozen), "draft_vocab" (own projection onto K
+        # draft tokens), "shared_draft_vocab" (the base lm_head's rows of the K draft tokens, frozen)
+        vocab_projection: str = "per_head",
+        draft_vocab_size: int | None = None,  # K, the size of the reduced draft vocabulary (draft projections)
         tree: str | list[list[int]] | None = None,  # default draft tree: a name or a list of rank paths
         acceptance: str = "lossless",  # default rule for do_sample=True: "lossless" | "typical" (greedy is exact)
         **kwargs,
@@ -58,6 +62,11 @@ class HydraConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.validate_heads()
 
+    @property
+    def uses_draft_vocab(self) -> bool:
+        """Whether the heads choose among K draft tokens (`draft_token_ids`) instead of the whole vocabulary."""
+        return self.vocab_projection in DRAFT_VOCAB_PROJECTIONS
+
     def validate_heads(self) -> None:
         """Raise a `ValueError` that says what to change when the head configuration is inconsistent."""
         if self.head_arch not in HEAD_ARCHS:
@@ -70,10 +79,10 @@ class HydraConfig(PretrainedConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if self.vocab_projection not in VOCAB_PROJECTIONS:
             raise ValueError(f"vocab_projection={self.vocab_projection!r} is not one of {VOCAB_PROJECTIONS}.")
-        if self.vocab_projection == "draft_vocab":
+        if self.uses_draft_vocab:
             if not isinstance(self.draft_vocab_size, int) or self.draft_vocab_size < 1:
                 raise ValueError(
-                    "vocab_projection='draft_vocab' needs draft_vocab_size=K, the number of most frequent "
+                    f"vocab_projection={self.vocab_projection!r} needs draft_vocab_size=K, the number of most frequent "
                     f"target tokens the heads project onto; got {self.draft_vocab_size!r}."
                 )
             if self.base_vocab_size is not None and self.draft_vocab_size > self.base_vocab_size:

@@ -105,8 +105,10 @@ def _norm_eps(config) -> float:
 class DraftHeads(nn.Module):
     """Base class: a list of heads and their projection to the (draft) vocabulary.
 
-    `draft_token_ids` (K,) maps draft-vocabulary rows to base token ids when
-    `vocab_projection == "draft_vocab"`; it is None when the heads project onto the whole vocabulary.
+    `draft_token_ids` (K,) maps draft-vocabulary rows to base token ids when the projection is onto a
+    draft vocabulary (`config.uses_draft_vocab`); it is None when the heads project onto the whole vocabulary.
+    The shared projections are the frozen base lm_head (all rows, or the K draft rows): a buffer that is
+    used, never saved or trained.
     """
 
     sequential: bool = False  # whether head i reads the embeddings of the tokens drafted before it
@@ -118,17 +120,18 @@ class DraftHeads(nn.Module):
         super().__init__()
         self.config = config
         d = config.base_hidden_size
-        base_output = base.get_output_embeddings().weight  # (V, d)
-        if config.vocab_projection == "draft_vocab":
+        base_output = base.get_output_embeddings().weight.detach()  # (V, d)
+        if config.uses_draft_vocab:
             draft_token_ids = _check_draft_token_ids(draft_token_ids, config)
             self.register_buffer("draft_token_ids", draft_token_ids)
             output_init = base_output[draft_token_ids]  # (K, d)
         else:
             self.draft_token_ids = None
             output_init = base_output
-        if config.vocab_projection == "shared":
-            # A view of the frozen base lm_head: used, never saved or trained.
-            self.register_buffer("shared_output_weight", base_output.detach(), persistent=False)
+        if config.vocab_projection in ("shared", "shared_draft_vocab"):
+            self.register_buffer("base_output_weight", base_output, persistent=False)  # (V, d), a view
+            self.register_buffer("shared_output_weight", output_init, persistent=False)  # (V or K, d)
+            self.register_load_state_dict_post_hook(_refresh_shared_draft_rows)
         self.heads = nn.ModuleList(
             DraftHead(
                 blocks=self._blocks(i, d),
@@ -142,7 +145,7 @@ class DraftHeads(nn.Module):
         return [ResBlock(d) for _ in range(self.config.num_layers)]
 
     def _output(self, init_weight: torch.Tensor, vocab_projection: str) -> nn.Linear | None:
-        if vocab_projection == "shared":
+        if vocab_projection in ("shared", "shared_draft_vocab"):
             return None
         rows, d = init_weight.shape
         output = nn.Linear(d, rows, bias=self.output_bias)
@@ -197,6 +200,12 @@ class DraftHeads(nn.Module):
             [self(i, context, None if future is None else future[:, :, : i + 1]) for i in range(self.num_heads)],
             dim=1,
         )
+
+
+def _refresh_shared_draft_rows(module: DraftHeads, incompatible_keys) -> None:
+    """After loading saved `draft_token_ids`, take the shared draft rows of the base lm_head again."""
+    if module.draft_token_ids is not None:
+        module.shared_output_weight = module.base_output_weight[module.draft_token_ids]
 
 
 def _future_embeds(token_embeds: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -252,6 +252,11 @@ def _projection_text(config: dict) -> str:
     projection = config.get("vocab_projection", "per_head")
     if projection == "draft_vocab":
         return f"own projection onto a draft vocabulary of the {config.get('draft_vocab_size')} most frequent tokens"
+    if projection == "shared_draft_vocab":
+        return (
+            f"the base model's own lm_head rows of the {config.get('draft_vocab_size')} most frequent tokens "
+            "(shared, frozen)"
+        )
     if projection == "shared":
         return "the base model's own lm_head (shared, frozen)"
     return "own projection onto the whole vocabulary"

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput, cached_file
 
 from . import assets, hub
 from .assisted import HydraCandidateGenerator, assisted_decoding
-from .configuration_hydra import HydraConfig
+from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .heads import DraftHeads, build_heads
 from .tree import TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
@@ -89,10 +89,10 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         **config_kwargs,
     ) -> HydraForCausalLM:
         """Fresh (untrained) heads on an already loaded base model, in eval mode (call `.train()` to train)."""
-        if config_kwargs.get("vocab_projection") == "draft_vocab" and draft_token_ids is None:
+        if config_kwargs.get("vocab_projection") in DRAFT_VOCAB_PROJECTIONS and draft_token_ids is None:
             raise ValueError(
-                "vocab_projection='draft_vocab' needs draft_token_ids: the K most frequent target token ids "
-                "of your training data, as a 1-D tensor."
+                f"vocab_projection={config_kwargs['vocab_projection']!r} needs draft_token_ids: the K most "
+                "frequent target token ids of your training data, as a 1-D tensor."
             )
         if draft_token_ids is not None:
             config_kwargs.setdefault("draft_vocab_size", int(torch.as_tensor(draft_token_ids).numel()))
@@ -268,8 +268,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
     def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
         """Validated buffers of a tree for these heads (cached per tree)."""
         buffers = _cached_tree_buffers(resolve_tree(tree, self.config.num_heads), self.config.num_heads)
-        draft_vocab = self.config.vocab_projection == "draft_vocab"
-        width = self.config.draft_vocab_size if draft_vocab else self.config.base_vocab_size
+        width = self.config.draft_vocab_size if self.config.uses_draft_vocab else self.config.base_vocab_size
         needed = max(level.topk for level in buffers.levels)
         if width is not None and needed > width:
             raise ValueError(

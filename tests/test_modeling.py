@@ -385,6 +385,42 @@ def test_draft_vocab_projection(tiny_model_factory, tmp_path: Path, head_arch: s
     assert out.head_logits.shape == (3, NUM_HEADS, 7, len(DRAFT_IDS))
 
 
+@pytest.mark.parametrize("head_arch", HEAD_ARCHS)
+def test_shared_draft_vocab_projection(tiny_model_factory, tmp_path: Path, head_arch: str) -> None:
+    base = _base(tiny_model_factory, "llama")
+    model = _hydra(base, head_arch, vocab_projection="shared_draft_vocab", draft_token_ids=DRAFT_IDS)
+    lm_head = base.get_output_embeddings().weight
+    assert all(head.output is None for head in model.heads.heads)
+    assert torch.equal(model.heads.shared_output_weight, lm_head[DRAFT_IDS])
+    _randomize_heads(model)
+    for seed in range(3):
+        prompt = _prompt(seed=seed)
+        out = _speculate(model, prompt, tree="cpu_small_11")
+        assert torch.equal(out.sequences, base.generate(prompt, do_sample=False, max_new_tokens=20))
+
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not any("output" in key for key in saved), sorted(saved)  # the frozen rows are not saved
+    assert torch.equal(saved["heads.draft_token_ids"], DRAFT_IDS)
+    loaded = HydraForCausalLM.from_pretrained(tmp_path, base_model=base)
+    _assert_same_heads(model, loaded)
+    assert torch.equal(loaded.heads.shared_output_weight, lm_head[DRAFT_IDS])
+    prompt = _prompt()
+    assert _speculate(loaded, prompt).speculation == _speculate(model, prompt).speculation
+
+    # Loading other draft ids into the module takes the matching base rows.
+    other_ids = DRAFT_IDS.flip(0)
+    state = {**model.heads.state_dict(), "draft_token_ids": other_ids}
+    model.heads.load_state_dict(state)
+    assert torch.equal(model.heads.shared_output_weight, lm_head[other_ids])
+
+    model.train()
+    out = model(_prompt(7).repeat(2, 1), return_head_logits=True)
+    assert out.head_logits.shape == (2, NUM_HEADS, 7, len(DRAFT_IDS))
+    out.head_logits.sum().backward()
+    assert lm_head.grad is None
+
+
 @pytest.mark.parametrize(
     ("draft_token_ids", "match"),
     [

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_hydra import HydraForCausalLM
+from hf_hydra.configuration_hydra import DRAFT_VOCAB_PROJECTIONS
 from hf_hydra.training import trainer
 from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features, training_sequences
 from hf_hydra.training.losses import (
@@ -311,6 +312,7 @@ def test_resume_matches_straight_run(base_dir, features_dir, tmp_path):
         ("hydra++", "draft_vocab"),
         ("hydra", "per_head"),
         ("medusa", "shared"),
+        ("hydra++", "shared_draft_vocab"),
     ],
 )
 def test_trained_heads_load_and_decode_losslessly(head_arch, projection, base_dir, features_dir, tmp_path):
@@ -318,7 +320,7 @@ def test_trained_heads_load_and_decode_losslessly(head_arch, projection, base_di
         base_dir, features_dir, tmp_path, head_arch=head_arch, vocab_projection=projection, save_dtype="float16"
     )
     report = train(args)
-    assert (report.draft_vocab_coverage is None) == (projection != "draft_vocab")
+    assert (report.draft_vocab_coverage is None) == (projection not in DRAFT_VOCAB_PROJECTIONS)
     saved = load_file(Path(args.output_dir) / "model.safetensors")
     assert all(v.dtype == torch.float16 for k, v in saved.items() if k != "heads.draft_token_ids")
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
@@ -328,7 +330,7 @@ def test_trained_heads_load_and_decode_losslessly(head_arch, projection, base_di
     plain = base.generate(prompt, max_new_tokens=24, do_sample=False)
     fast = model.generate(prompt, max_new_tokens=24, do_sample=False, speculative=True)
     assert torch.equal(plain, fast)
-    if projection == "draft_vocab":
+    if projection in DRAFT_VOCAB_PROJECTIONS:
         expected_ids = FeatureStore(features_dir).most_frequent_targets(DRAFT_VOCAB)
         assert model.config.draft_vocab_size == DRAFT_VOCAB
         assert model.heads.draft_token_ids.tolist() == expected_ids.tolist()

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .. import assets
-from ..configuration_hydra import HEAD_ARCHS, VOCAB_PROJECTIONS
+from ..configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HEAD_ARCHS, VOCAB_PROJECTIONS
 from ..heads import DraftHeads
 from ..modeling_hydra import HydraForCausalLM
 from .features import FeatureStore, SequenceFeatures
@@ -83,8 +83,10 @@ class TrainingArguments:
     head_arch: str = "hydra"  # "medusa" | "hydra" | "hydra++"
     num_heads: int = 4  # head i predicts the token i + 2 positions after t
     num_layers: int = 1  # residual blocks per head (Hydra++ recipe: 4)
-    vocab_projection: str = "draft_vocab"  # "draft_vocab" (cheap), "per_head" (full vocabulary), "shared"
-    draft_vocab_size: int = 8192  # K most frequent target tokens of the features (draft_vocab only)
+    # "draft_vocab" (own projection onto K tokens: cheap), "shared_draft_vocab" (frozen base rows of the K
+    # tokens: cheap and small), "per_head" (own projection onto the whole vocabulary), "shared" (base lm_head)
+    vocab_projection: str = "draft_vocab"
+    draft_vocab_size: int = 8192  # K most frequent target tokens of the features (draft projections only)
     lm_weight: float = 0.0  # weight of CE against the dataset token
     teacher_weight: float = 1.0  # weight of soft CE against the base's distribution (Hydra++ uses only this)
     head_decay: float = 1.0  # head i weighs decay^i: 1.0 equal (Hydra), 0.8 (Medusa)
@@ -486,7 +488,7 @@ def build_model(args: TrainingArguments, base: PreTrainedModel, store: FeatureSt
             "prepared with this base model."
         )
     draft_ids = None
-    if args.vocab_projection == "draft_vocab":
+    if args.vocab_projection in DRAFT_VOCAB_PROJECTIONS:
         if args.draft_vocab_size > vocab:
             raise ValueError(f"draft_vocab_size={args.draft_vocab_size} exceeds the vocabulary ({vocab}).")
         draft_ids = store.most_frequent_targets(args.draft_vocab_size)
