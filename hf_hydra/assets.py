@@ -295,6 +295,32 @@ def local_model_source(model_id: str) -> str:
     return model_id
 
 
+_PRETRAINED_HEADS_DIR = Path(__file__).resolve().parent / "pretrained"
+_PRETRAINED_HEADS = {
+    "medusa": "smollm2-135m-instruct-medusa",
+    "hydra": "smollm2-135m-instruct-hydra",
+    "hydra++": "smollm2-135m-instruct-hydra-plus-plus",
+}
+
+
+def pretrained_heads_path(arch: str = "hydra++") -> Path:
+    """Folder of the `arch` heads trained for the default base model that ship inside the package
+    (`HydraForCausalLM.from_pretrained(path)` loads them with the provisioned base, offline).
+
+    Raises:
+        ValueError: for an arch without shipped heads.
+        FileNotFoundError: if this installation lacks the weights (a broken or partial install).
+    """
+    if arch not in _PRETRAINED_HEADS:
+        raise ValueError(f"No shipped heads for {arch!r}; choose one of {sorted(_PRETRAINED_HEADS)}.")
+    path = _PRETRAINED_HEADS_DIR / _PRETRAINED_HEADS[arch]
+    if not _is_model_folder(path):
+        raise FileNotFoundError(
+            f"The shipped {arch} heads are missing from this installation ({path}); reinstall hf_hydra."
+        )
+    return path
+
+
 def _make_readable(folder: Path) -> None:
     """mkdtemp and safetensors create private files (0o600); the cache is readable by all."""
     folder.chmod(0o755)

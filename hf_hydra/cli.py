@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -31,12 +32,15 @@ class TimedGeneration:
         return self.new_tokens.shape[0] / self.seconds
 
 
-def load_model(heads: str | None, arch: str, num_heads: int) -> HydraForCausalLM:
-    """Saved heads (folder or Hub repo), or fresh untrained heads on the default base model."""
+def load_model(heads: str | None, arch: str, random_heads: bool, num_heads: int) -> HydraForCausalLM:
+    """Saved heads (folder or Hub repo), the shipped `arch` heads of the default base model, or fresh
+    untrained heads on it (`random_heads`)."""
     if heads is not None:
         return HydraForCausalLM.from_pretrained(heads)
+    if not random_heads:
+        return HydraForCausalLM.from_pretrained(assets.pretrained_heads_path(arch))
     logging.getLogger(__name__).warning(
-        "No --heads given: using fresh, untrained %s heads on the default base model (expect tau near 1).", arch
+        "--random-heads: using fresh, untrained %s heads on the default base model (expect tau near 1).", arch
     )
     base = AutoModelForCausalLM.from_pretrained(assets.default_base_model_path())
     return HydraForCausalLM.from_base(base, head_arch=arch, num_heads=num_heads).eval()
@@ -68,7 +72,7 @@ def timed_generate(
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model = load_model(args.heads, args.arch, args.num_heads)
+    model = load_model(args.heads, args.arch, args.random_heads, args.num_heads)
     tokenizer = AutoTokenizer.from_pretrained(model.base_lm.name_or_path)
     input_ids = chat_input_ids(tokenizer, args.prompt)
     torch.manual_seed(0)
@@ -108,7 +112,7 @@ def run_distill(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from .training.data import render
     from .training.distill import load_distilled
-    from .training.features import TokenizedSequence, prepare_features, training_sequences
+    from .training.features import TokenizedSequence, prepare_features, training_sequences, write_preparation
 
     base_path = args.base or assets.default_base_model_path()
     base = AutoModelForCausalLM.from_pretrained(base_path).eval()
@@ -119,8 +123,20 @@ def run_prepare(args: argparse.Namespace) -> int:
     report = prepare_features(
         base, sequences, args.out, assets.portable_model_id(str(base_path)), teacher_topk=args.teacher_topk
     )
+    write_preparation(args.out, prepare_command(args))
     print(f"cached {report.tokens} tokens of {report.sequences} sequences, {report.tokens_per_second:.0f} tokens/s")
     return 0
+
+
+def prepare_command(args: argparse.Namespace) -> str:
+    """The `hf-hydra prepare` command line equivalent to `args`, every option spelled out."""
+    words = ["hf-hydra", "prepare", "--data", args.data, "--out", args.out, "--max-length", str(args.max_length),
+             "--teacher-topk", str(args.teacher_topk)]
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    if args.base is not None:
+        words += ["--base", args.base]
+    return shlex.join(words)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -140,12 +156,16 @@ def run_bench(args: argparse.Namespace) -> int:
     base_path = args.base or assets.default_base_model_path()
     device = torch.device(args.device)
     base = AutoModelForCausalLM.from_pretrained(base_path).to(device).eval()
-    heads = {}
-    for spec in args.heads:  # every heads set on the same base object: one base in memory
+    paths = {}
+    for spec in args.heads:
         arch, sep, path = spec.partition("=")
         if not sep or arch not in HEAD_ARCHS:
             raise SystemExit(f"--heads takes ARCH=PATH with ARCH in {HEAD_ARCHS}; got {spec!r}")
-        heads[arch] = HydraForCausalLM.from_pretrained(path, base_model=base).to(device)
+        paths[arch] = path
+    if not paths and args.base is None:  # the default model: the shipped heads of every arch
+        paths = {arch: str(assets.pretrained_heads_path(arch)) for arch in HEAD_ARCHS}
+    # every heads set on the same base object: one base in memory
+    heads = {arch: HydraForCausalLM.from_pretrained(path, base_model=base).to(device) for arch, path in paths.items()}
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     methods = args.methods.split(",") if args.methods else [
         m for m in bench.ALL_METHODS if m not in bench.TREE_METHODS or m in heads
@@ -229,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="answer one prompt with speculative decoding, streaming the text")
     gen.add_argument("prompt", help="the user message (the model's chat template is applied)")
-    gen.add_argument("--heads", help="folder or Hub repo of saved heads (default: fresh heads on SmolLM2-135M)")
-    gen.add_argument("--arch", choices=HEAD_ARCHS, default="hydra", help="arch of fresh heads (without --heads)")
-    gen.add_argument("--num-heads", type=int, default=4, help="number of fresh heads (without --heads)")
+    gen.add_argument("--heads", help="folder or Hub repo of saved heads (default: the shipped heads of --arch)")
+    gen.add_argument("--arch", choices=HEAD_ARCHS, default="hydra++", help="shipped (or fresh) heads to use")
+    gen.add_argument("--random-heads", action="store_true", help="fresh untrained heads instead of shipped ones")
+    gen.add_argument("--num-heads", type=int, default=4, help="number of fresh heads (with --random-heads)")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--compare", action="store_true", help="also run plain generate; print speed-up and equality")
     gen.set_defaults(func=run_generate)
@@ -259,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=run_train)
 
     bench_parser = commands.add_parser("bench", help="MT-Bench: tau, tokens/s, speed-up of each method vs greedy")
-    bench_parser.add_argument("--heads", action="append", default=[], help="ARCH=PATH, e.g. hydra++=./heads")
+    bench_parser.add_argument(
+        "--heads", action="append", default=[],
+        help="ARCH=PATH, e.g. hydra++=./heads (default on the default model: the shipped heads of every arch)",
+    )
     bench_parser.add_argument("--methods", help="comma-separated subset of the methods (default: all available)")
     bench_parser.add_argument("--limit", type=int, help="N questions only, spread over the 8 categories")
     bench_parser.add_argument("--max-new-tokens", type=int, default=256)

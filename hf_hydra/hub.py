@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import string
 from collections.abc import Callable
@@ -72,6 +73,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from .configuration_hydra import HydraConfig
+from .training.features import PREPARATION_FILE  # copied by `hf-hydra train` from the feature folder
 from .tree import resolve_tree
 
 logger = logging.getLogger(__name__)
@@ -289,11 +291,34 @@ def _training_section(config: dict, folder: Path) -> str:
     lines += [f"| {k} | `{v}` |" for k, v in args.items() if k not in _UNSHOWN_TRAINING_ARGS]
     if summary is not None:
         lines += ["", f"{summary.get('steps')} optimizer steps over {summary.get('tokens'):,} tokens "
-                  f"({summary.get('num_processes')} process(es))."]
+                  f"({summary.get('num_processes')} process(es)), {summary.get('train_seconds', 0) / 60:.0f} min "
+                  f"of training at {summary.get('tokens_per_second', 0):.0f} tokens/s."]
         top1 = (summary.get("validation") or {}).get("top1")
         if top1:
             lines += ["", "Validation top-1 accuracy per head: " + ", ".join(f"{x:.3f}" for x in top1) + "."]
+    preparation = (_read_json(folder / PREPARATION_FILE) or {}).get("command")
+    lines += ["", "To reproduce:", "", "```bash"]
+    lines += [preparation] if preparation else ["# features: `hf-hydra prepare ... --out features/`"]
+    lines += [_train_command(args, _prepared_folder(preparation)), "```"]
     return "\n".join(lines)
+
+
+def _prepared_folder(preparation: str | None) -> str:
+    words = shlex.split(preparation) if preparation else []
+    return words[words.index("--out") + 1] if "--out" in words[:-1] else "features/"
+
+
+def _train_command(args: dict, features_dir: str) -> str:
+    """`hf-hydra train` with the recorded arguments (local paths replaced, operational options left out)."""
+    words = ["hf-hydra", "train", "--features-dir", features_dir, "--output-dir", "heads/"]
+    if _hub_model_id(args.get("base_model")):
+        words += ["--base-model", args["base_model"]]
+    for name, value in args.items():
+        if name in _UNSHOWN_TRAINING_ARGS or value is None or isinstance(value, list | dict):
+            continue
+        flag = "--" + name.replace("_", "-")
+        words += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return shlex.join(words)
 
 
 _BENCHMARK_SUMMARY_KEYS = ("method", "tau", "tokens_per_second", "speedup_median", "speedup_total", "mismatches")

@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -317,6 +319,8 @@ def test_card_is_generated_from_the_json_beside_the_heads(tmp_path: Path) -> Non
                                                           "epochs": 10.0, "head_arch": "medusa"}))
     (heads / "training_summary.json").write_text(json.dumps({"steps": 120, "tokens": 45000, "num_processes": 1,
                                                              "validation": {"top1": [0.5612, 0.3201]}}))
+    prepare = "hf-hydra prepare --data distilled.jsonl --out features/sharegpt --max-length 512 --teacher-topk 32"
+    (heads / "preparation.json").write_text(json.dumps({"command": prepare}))
     (tmp_path / "bench.json").write_text(json.dumps(BENCHMARK))
     model.save_pretrained(heads, benchmark=tmp_path / "bench.json")
 
@@ -326,12 +330,33 @@ def test_card_is_generated_from_the_json_beside_the_heads(tmp_path: Path) -> Non
     assert card.data.library_name == "hf_hydra" and "medusa" in card.data.tags
     assert "| lr | `0.0005` |" in card.text and "| epochs | `10.0` |" in card.text
     assert "/secret/features" not in card.text  # local paths stay local
+    train_command = (
+        "hf-hydra train --features-dir features/sharegpt --output-dir heads/ --lr 0.0005 --epochs 10.0 "
+        "--head-arch medusa"
+    )
+    assert f"{prepare}\n{train_command}\n" in card.text  # the reproduce commands
     assert "120 optimizer steps over 45,000 tokens" in card.text and "0.561, 0.320" in card.text
     assert HYDRA_PLUS_PLUS_ROW in card.text
     assert f"| parameters (heads only) | {sum(p.numel() for p in model.heads.parameters()):,} |" in card.text
     # Saving again without a benchmark keeps the one beside the heads.
     model.save_pretrained(heads)
     assert HYDRA_PLUS_PLUS_ROW in (heads / "README.md").read_text()
+
+
+def test_reproduce_command_in_the_card_gives_the_same_training_arguments() -> None:
+    from hf_hydra.training.trainer import TrainingArguments
+
+    args = TrainingArguments(
+        features_dir="/secret/features", output_dir="/secret/heads", base_model="org/base", head_arch="hydra++",
+        vocab_projection="shared_draft_vocab", lr=5e-4, epochs=2.5, dropout=0.2, noise_alpha=5.0, save_every=7,
+        save_dtype="bfloat16", tree="chain-3",
+    )
+    command = hub._train_command(dataclasses.asdict(args), "features/")
+    parsed = cli.build_parser().parse_args(shlex.split(command)[1:])
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    again = TrainingArguments(**{k: v for k, v in vars(parsed).items() if k in names and v is not None})
+    shown = {"features_dir": "features/", "output_dir": "heads/", "save_every": TrainingArguments.save_every}
+    assert again == dataclasses.replace(args, **shown)
 
 
 def test_benchmark_json_of_another_kind_is_a_value_error(tmp_path: Path) -> None:

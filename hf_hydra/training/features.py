@@ -15,6 +15,7 @@ Layout of a feature folder (N tokens over S sequences, d hidden size, k teacher 
     teacher_ids.npy        (N, k) int32     top-k of the base's next-token distribution at t
     teacher_logprobs.npy   (N, k) float16   their log-probabilities
     progress.json          {"sequences_done": n}: a rerun resumes after n
+    preparation.json       {"command": ...}: the `hf-hydra prepare` command that made the folder (CLI only)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 FORMAT_VERSION = 1
+PREPARATION_FILE = "preparation.json"
 logger = logging.getLogger(__name__)
 
 
@@ -136,6 +138,11 @@ class FeatureStore:
 
 
 _ARRAY_NAMES = ("input_ids", "loss_mask", "hidden", "teacher_ids", "teacher_logprobs")
+
+
+def write_preparation(folder: str | Path, command: str) -> None:
+    """Record the command that made the feature folder (training copies it beside the heads)."""
+    (Path(folder) / PREPARATION_FILE).write_text(json.dumps({"command": command}, indent=2))
 
 
 def _read_progress(folder: Path) -> int:

@@ -49,7 +49,7 @@ from .. import assets
 from ..configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HEAD_ARCHS, VOCAB_PROJECTIONS
 from ..heads import DraftHeads
 from ..modeling_hydra import HydraForCausalLM
-from .features import FeatureStore, SequenceFeatures
+from .features import PREPARATION_FILE, FeatureStore, SequenceFeatures
 from .losses import (
     HeadLosses,
     HeadTargets,
@@ -742,9 +742,12 @@ def train(args: TrainingArguments) -> TrainingReport:
 
 def _finish(run: _Run, report: TrainingReport) -> None:
     """Main process: heads in `save_dtype`, summary JSON, plot."""
-    save_heads(run.model, run.output_dir, SAVE_DTYPES[run.args.save_dtype])
     summary = {**asdict(report), "args": asdict(run.args)}
     (run.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    preparation = Path(run.args.features_dir) / PREPARATION_FILE
+    if preparation.is_file():  # how the features were made: the model card's reproduce section shows it
+        shutil.copyfile(preparation, run.output_dir / PREPARATION_FILE)
+    save_heads(run.model, run.output_dir, SAVE_DTYPES[run.args.save_dtype])  # also writes the model card
     with contextlib.suppress(ValueError, KeyError):  # an empty or foreign metrics file: no plot, no failure
         plot_metrics(run.output_dir / METRICS_FILE, run.output_dir / PLOT_FILE)
     logger.info(
