@@ -30,7 +30,9 @@ SCHEMA_VERSION = 1
 AUTOREGRESSIVE = "autoregressive"
 PROMPT_LOOKUP = "prompt_lookup"
 ASSISTED = "hydra_assisted"  # the chain candidate generator in transformers' assisted loop
-TREE_METHODS = ("medusa", "hydra", "hydra++")  # tree decoding with heads of that architecture
+# Tree decoding with a set of heads, named by a label: the head architectures by default, any label
+# (e.g. "hydra-lm" for an ablation) when several heads sets are compared.
+TREE_METHODS = ("medusa", "hydra", "hydra++")
 ALL_METHODS = (AUTOREGRESSIVE, PROMPT_LOOKUP, ASSISTED, *TREE_METHODS)
 PROMPT_LOOKUP_TOKENS = 10
 
@@ -102,10 +104,11 @@ Runner = Callable[[torch.Tensor, int], tuple[torch.Tensor, SpeculationStats | No
 def method_runners(
     base: PreTrainedModel, heads: dict[str, HydraForCausalLM], methods: Sequence[str]
 ) -> dict[str, Runner]:
-    """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method."""
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method;
+    a method named like a key of `heads` is tree decoding with those heads."""
+    unknown = [m for m in methods if m not in ALL_METHODS and m not in heads]
     if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose among {ALL_METHODS}.")
+        raise ValueError(f"Unknown methods {unknown}; choose among {ALL_METHODS} or the labels of --heads.")
     missing = [m for m in methods if m in TREE_METHODS and m not in heads]
     if ASSISTED in methods and not heads:
         missing.append(ASSISTED)

@@ -156,19 +156,14 @@ def run_bench(args: argparse.Namespace) -> int:
     base_path = args.base or assets.default_base_model_path()
     device = torch.device(args.device)
     base = AutoModelForCausalLM.from_pretrained(base_path).to(device).eval()
-    paths = {}
-    for spec in args.heads:
-        arch, sep, path = spec.partition("=")
-        if not sep or arch not in HEAD_ARCHS:
-            raise SystemExit(f"--heads takes ARCH=PATH with ARCH in {HEAD_ARCHS}; got {spec!r}")
-        paths[arch] = path
+    paths = dict(_label_and_path(spec, "--heads") for spec in args.heads)
     if not paths and args.base is None:  # the default model: the shipped heads of every arch
         paths = {arch: str(assets.pretrained_heads_path(arch)) for arch in HEAD_ARCHS}
     # every heads set on the same base object: one base in memory
-    heads = {arch: HydraForCausalLM.from_pretrained(path, base_model=base).to(device) for arch, path in paths.items()}
+    heads = {label: HydraForCausalLM.from_pretrained(p, base_model=base).to(device) for label, p in paths.items()}
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     methods = args.methods.split(",") if args.methods else [
-        m for m in bench.ALL_METHODS if m not in bench.TREE_METHODS or m in heads
+        *(m for m in bench.ALL_METHODS if m not in bench.TREE_METHODS), *heads
     ]
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
@@ -178,6 +173,27 @@ def run_bench(args: argparse.Namespace) -> int:
     print(bench.markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def run_ablation(args: argparse.Namespace) -> int:
+    import json
+
+    from .training.ablation import ablation_rows, markdown_ablation
+
+    runs = dict(_label_and_path(spec, "--run") for spec in args.run)
+    report = json.loads(Path(args.bench).read_text())
+    table = markdown_ablation(ablation_rows(runs, report), report)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table)
+    print(table + f"wrote {args.out}")
+    return 0
+
+
+def _label_and_path(spec: str, option: str) -> tuple[str, str]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or "," in label:
+        raise SystemExit(f"{option} takes LABEL=PATH (e.g. hydra++=heads/); got {spec!r}")
+    return label, path
 
 
 def run_tune_tree(args: argparse.Namespace) -> int:
@@ -282,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="MT-Bench: tau, tokens/s, speed-up of each method vs greedy")
     bench_parser.add_argument(
         "--heads", action="append", default=[],
-        help="ARCH=PATH, e.g. hydra++=./heads (default on the default model: the shipped heads of every arch)",
+        help="LABEL=PATH, e.g. hydra++=heads/: tree decoding with these heads is the method LABEL "
+        "(default on the default model: the shipped heads of every arch, labelled by arch)",
     )
     bench_parser.add_argument("--methods", help="comma-separated subset of the methods (default: all available)")
     bench_parser.add_argument("--limit", type=int, help="N questions only, spread over the 8 categories")
@@ -292,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
     bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
     bench_parser.set_defaults(func=run_bench)
+
+    ablation = commands.add_parser("ablation", help="table of trained heads: validation top-1, tau, speed-up")
+    ablation.add_argument("--run", action="append", required=True, help="LABEL=FOLDER of `hf-hydra train` output")
+    ablation.add_argument("--bench", required=True, help="`hf-hydra bench` JSON with the same heads as --heads LABEL")
+    ablation.add_argument("--out", default="bench/ablation.md", help="Markdown file to write")
+    ablation.set_defaults(func=run_ablation)
 
     tune = commands.add_parser("tune-tree", help="measure heads and machine; store the fastest tree with the heads")
     tune.add_argument("--heads", required=True, help="folder of trained heads (the tree is written into it)")

@@ -129,3 +129,15 @@ def test_unknown_or_headless_methods_are_refused(base):
         bench.method_runners(base, {}, ["fastest"])
     with pytest.raises(ValueError, match="need heads"):
         bench.method_runners(base, {}, ["hydra"])
+
+
+def test_heads_under_any_label_are_a_tree_method(base, tokenizer):
+    """Ablations compare several heads of one architecture: `--heads hydra-lm=...` benches the method "hydra-lm"."""
+    torch.manual_seed(0)
+    heads = {"hydra-lm": HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=2)}
+    questions = assets.mt_bench_questions()[:1]
+    report = bench.run_bench(base, tokenizer, heads, questions, ["hydra-lm"], max_new_tokens=NEW_TOKENS)
+    assert report["settings"]["methods"] == [bench.AUTOREGRESSIVE, "hydra-lm"]
+    labelled = report["summary"][1]
+    assert labelled["method"] == "hydra-lm" and labelled["tau"] >= 1.0 and labelled["mismatches"] == 0
+    assert len(labelled["acceptance_by_depth"]) == 2

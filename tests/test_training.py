@@ -407,3 +407,29 @@ def test_answers_cut_off_by_truncation_are_dropped_and_never_trained_on(base_dir
     prepare_features(base, [prompt_only] * 4, features, base_model_id=str(base_dir), teacher_topk=TEACHER_TOPK)
     with pytest.raises(ValueError, match="no target"):
         train(tiny_args(base_dir, features, tmp_path / "out", max_steps=1))
+
+
+def test_ablation_table_joins_training_logs_and_benchmark(base_dir, features_dir, tmp_path):
+    from hf_hydra.bench import AUTOREGRESSIVE, MethodSummary
+    from hf_hydra.training.ablation import ablation_rows, markdown_ablation
+
+    medusa = train(tiny_args(base_dir, features_dir, tmp_path / "m", head_arch="medusa", teacher_weight=0.0))
+    hydra = train(tiny_args(base_dir, features_dir, tmp_path / "h", lm_weight=0.0, noise_alpha=5.0))
+
+    def summary(method: str, tau: float | None, speedup: float) -> dict:
+        return dataclasses.asdict(MethodSummary(method, tau, 10.0, speedup, speedup, 0))
+
+    report = {
+        "settings": {"turn": 1, "num_prompts": 4, "max_new_tokens": 16},
+        "summary": [summary(AUTOREGRESSIVE, None, 1.0), summary("hydra-teacher", 1.75, 1.25)],
+    }
+    rows = ablation_rows({"medusa-lm": medusa.output_dir, "hydra-teacher": hydra.output_dir}, report)
+    assert [(r.head_arch, r.losses, r.noise_alpha) for r in rows] == [("medusa", "lm", 0.0), ("hydra", "teacher", 5.0)]
+    assert rows[0].validation_top1 == medusa.validation["top1"] and rows[0].tau is None  # not benchmarked
+    assert (rows[1].tau, rows[1].speedup_median, rows[1].steps) == (1.75, 1.25, 3)
+    table = markdown_ablation(rows, report)
+    top1 = " | ".join(f"{x:.3f}" for x in hydra.validation["top1"])
+    assert f"| hydra-teacher | hydra | teacher | 5 | 1 | 3 | {top1} | 1.75 | 1.25x |" in table
+    assert "4 prompts" in table
+    with pytest.raises(FileNotFoundError, match="hf-hydra train"):
+        ablation_rows({"x": tmp_path}, report)
