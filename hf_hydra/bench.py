@@ -1,8 +1,14 @@
-"""MT-Bench benchmark: tau, tokens/s and speed-up of speculative methods against plain greedy decoding.
+"""MT-Bench benchmark: tau, tokens/s and speed-up of speculative methods against plain decoding.
 
 All methods run interleaved per prompt in one process after a warm-up, so machine noise hits them
 alike; speed-ups are ratios measured on the same prompt. One JSON holds everything; the Markdown
 table and the plots are generated from it, never typed by hand.
+
+Greedy (the default): every output is compared with plain greedy `generate` token for token. With a
+temperature, every method samples (plain sampling is the reference, tree methods use lossless
+acceptance and, as `<label>-typical`, typical acceptance); outputs differ by design, so instead of
+mismatches the report gives each output's mean log-likelihood per token under the distribution plain
+sampling draws from (the base's logits / temperature), a quality check for the lossy typical rule.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ ASSISTED = "hydra_assisted"  # the chain candidate generator in transformers' as
 TREE_METHODS = ("medusa", "hydra", "hydra++")
 ALL_METHODS = (AUTOREGRESSIVE, PROMPT_LOOKUP, ASSISTED, *TREE_METHODS)
 PROMPT_LOOKUP_TOKENS = 10
+TYPICAL_SUFFIX = "-typical"  # "<label>-typical": tree decoding with those heads and typical acceptance
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,9 @@ class PromptResult:
     steps: int | None  # base verification forwards (tree methods)
     accepted_lengths: list[int] | None  # tokens appended per step (tree methods)
     phase_seconds: dict[str, float] | None  # prefill / draft / verify / accept / commit (tree methods)
-    identical: bool  # output equals autoregressive greedy token for token
+    identical: bool | None  # greedy: output equals autoregressive greedy token for token (None when sampling)
     divergence_gap: float | None  # when not identical: base top-2 logit gap at the first differing token
+    log_likelihood: float | None = None  # sampling: mean log-prob per new token under base logits / temperature
 
     @property
     def tau(self) -> float | None:
@@ -64,10 +72,11 @@ class MethodSummary:
     tokens_per_second: float  # total new tokens / total seconds
     speedup_median: float  # median over prompts of (autoregressive seconds / method seconds)
     speedup_total: float  # total autoregressive seconds / total method seconds
-    mismatches: int  # outputs differing from autoregressive greedy
+    mismatches: int | None  # outputs differing from autoregressive greedy (None when sampling)
     speedup_by_category: dict[str, float] = field(default_factory=dict)  # median per category
     acceptance_by_depth: list[float] = field(default_factory=list)  # P(draft at depth k accepted), tree methods
     step_time_shares: dict[str, float] = field(default_factory=dict)  # draft/verify/accept/commit share of steps
+    mean_log_likelihood: float | None = None  # sampling: mean over prompts of the per-token log-likelihood
 
 
 @dataclass(frozen=True)
@@ -101,14 +110,31 @@ def acceptance_by_depth(accepted_lengths: Sequence[int], max_depth: int) -> list
 Runner = Callable[[torch.Tensor, int], tuple[torch.Tensor, SpeculationStats | None]]
 
 
+def decoding_options(temperature: float | None) -> dict:
+    """generate() options of every method: greedy, or pure temperature sampling (no top-k / top-p)."""
+    if temperature is None:
+        return {"do_sample": False}
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (leave it out for greedy), got {temperature}.")
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+
 def method_runners(
-    base: PreTrainedModel, heads: dict[str, HydraForCausalLM], methods: Sequence[str]
+    base: PreTrainedModel,
+    heads: dict[str, HydraForCausalLM],
+    methods: Sequence[str],
+    temperature: float | None = None,
 ) -> dict[str, Runner]:
     """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method;
-    a method named like a key of `heads` is tree decoding with those heads."""
-    unknown = [m for m in methods if m not in ALL_METHODS and m not in heads]
+    a method named like a key of `heads` is tree decoding with those heads (lossless acceptance when
+    sampling), `<label>-typical` the same heads with typical acceptance (sampling only)."""
+    options = decoding_options(temperature)
+    unknown = [m for m in methods if m not in ALL_METHODS and _heads_label(m, temperature) not in heads]
     if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose among {ALL_METHODS} or the labels of --heads.")
+        raise ValueError(
+            f"Unknown methods {unknown}; choose among {ALL_METHODS}, the labels of --heads and, when sampling, "
+            f"'<label>{TYPICAL_SUFFIX}'."
+        )
     missing = [m for m in methods if m in TREE_METHODS and m not in heads]
     if ASSISTED in methods and not heads:
         missing.append(ASSISTED)
@@ -117,31 +143,50 @@ def method_runners(
     runners: dict[str, Runner] = {}
     for method in methods:
         if method == AUTOREGRESSIVE:
-            runners[method] = lambda ids, n: (base.generate(ids, max_new_tokens=n, do_sample=False), None)
+            runners[method] = lambda ids, n: (base.generate(ids, max_new_tokens=n, **options), None)
         elif method == PROMPT_LOOKUP:
             runners[method] = lambda ids, n: (
-                base.generate(ids, max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS),
+                base.generate(ids, max_new_tokens=n, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **options),
                 None,
             )
         elif method == ASSISTED:
             assisted_model = heads.get("hydra") or next(iter(heads.values()))
             runners[method] = lambda ids, n, m=assisted_model: (
-                m.generate(ids, max_new_tokens=n, do_sample=False, speculative="assisted"),
+                m.generate(ids, max_new_tokens=n, speculative="assisted", **options),
                 None,
             )
+        elif method in heads:
+            runners[method] = _tree_runner(heads[method], options)
         else:
-            runners[method] = _tree_runner(heads[method])
+            typical = {**options, "acceptance": "typical"}
+            runners[method] = _tree_runner(heads[_heads_label(method, temperature)], typical)
     return runners
 
 
-def _tree_runner(model: HydraForCausalLM) -> Runner:
+def _heads_label(method: str, temperature: float | None) -> str:
+    """The heads a method runs with: its name, or its name without `-typical` when sampling."""
+    if temperature is not None and method.endswith(TYPICAL_SUFFIX):
+        return method.removesuffix(TYPICAL_SUFFIX)
+    return method
+
+
+def _tree_runner(model: HydraForCausalLM, options: dict) -> Runner:
     def run(input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, SpeculationStats]:
         out = model.generate(
-            input_ids, max_new_tokens=max_new_tokens, do_sample=False, speculative=True, return_dict_in_generate=True
+            input_ids, max_new_tokens=max_new_tokens, speculative=True, return_dict_in_generate=True, **options
         )
         return out.sequences, out.speculation
 
     return run
+
+
+@torch.no_grad()
+def mean_log_likelihood(base: PreTrainedModel, sequence: torch.Tensor, prompt_length: int, temperature: float) -> float:
+    """Mean log-probability of the new tokens of `sequence` (1, S) under softmax(base logits / temperature)."""
+    logits = base(sequence).logits[0, prompt_length - 1 : -1].float()  # (S - L, V): predicts tokens L..S-1
+    logprobs = (logits / temperature).log_softmax(dim=-1)
+    new_tokens = sequence[0, prompt_length:]
+    return float(logprobs.gather(-1, new_tokens[:, None]).mean())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -195,18 +240,24 @@ def run_bench(
     methods: Sequence[str] = ALL_METHODS,
     max_new_tokens: int = 256,
     turn: int = 1,
+    temperature: float | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Run every method on every question, interleaved, after a warm-up; return the report as a dict."""
+    """Run every method on every question, interleaved, after a warm-up; return the report as a dict.
+
+    temperature None: greedy. Otherwise every method samples at that temperature; each method's draws on
+    question q start from `torch.manual_seed(seed + q)` (reproducible, independent of the method order).
+    """
     if turn not in (1, 2):
         raise ValueError(f"turn must be 1 or 2, got {turn}.")
     methods = [AUTOREGRESSIVE] + [m for m in methods if m != AUTOREGRESSIVE]  # the reference comes first
-    runners = method_runners(base, heads, methods)
+    runners = method_runners(base, heads, methods, temperature)
     prompts = bench_prompts(tokenizer, base, questions, turn, max_new_tokens)
     for runner in runners.values():  # warm-up: first calls pay for allocation and lazy initialisation
         runner(prompts[0][1], 8)
     results = []
     for question, input_ids in tqdm(prompts, desc="bench", unit="prompt"):
-        results += _bench_prompt(base, runners, question, input_ids, max_new_tokens)
+        results += _bench_prompt(base, runners, question, input_ids, max_new_tokens, temperature, seed)
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -216,23 +267,35 @@ def run_bench(
             "max_new_tokens": max_new_tokens,
             "turn": turn,
             "num_prompts": len(prompts),
+            "temperature": temperature,
+            "seed": seed if temperature is not None else None,
             "trees": {arch: model.generation_config.hydra_tree for arch, model in heads.items()},
         },
         "results": [asdict(r) for r in results],
-        "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(heads))],
+        "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(heads, methods, temperature))],
     }
 
 
-def _tree_depths(heads: dict[str, HydraForCausalLM]) -> dict[str, int]:
-    return {arch: max(len(path) for path in model.generation_config.hydra_tree) for arch, model in heads.items()}
+def _tree_depths(heads: dict[str, HydraForCausalLM], methods: Sequence[str], temperature: float | None) -> dict:
+    """Depth of the default tree of each tree method's heads."""
+    depths = {label: max(len(path) for path in model.generation_config.hydra_tree) for label, model in heads.items()}
+    return {m: depths[_heads_label(m, temperature)] for m in methods if _heads_label(m, temperature) in depths}
 
 
 def _bench_prompt(
-    base: PreTrainedModel, runners: dict[str, Runner], question: dict, input_ids: torch.Tensor, max_new_tokens: int
+    base: PreTrainedModel,
+    runners: dict[str, Runner],
+    question: dict,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float | None = None,
+    seed: int = 0,
 ) -> list[PromptResult]:
     reference = None
     results = []
     for method, runner in runners.items():
+        if temperature is not None:
+            torch.manual_seed(seed + question["question_id"])
         _synchronize(input_ids.device)
         start = time.perf_counter()
         sequence, stats = runner(input_ids, max_new_tokens)
@@ -240,7 +303,10 @@ def _bench_prompt(
         seconds = time.perf_counter() - start
         if reference is None:
             reference = sequence
-        divergence = first_divergence(base, reference, sequence)
+        if temperature is None:
+            divergence, log_likelihood = first_divergence(base, reference, sequence), None
+        else:
+            divergence, log_likelihood = None, mean_log_likelihood(base, sequence, input_ids.shape[1], temperature)
         results.append(
             PromptResult(
                 question_id=question["question_id"],
@@ -251,8 +317,9 @@ def _bench_prompt(
                 steps=stats.steps if stats is not None else None,
                 accepted_lengths=list(stats.accepted_lengths) if stats is not None else None,
                 phase_seconds=stats.phase_seconds if stats is not None else None,
-                identical=divergence is None,
+                identical=None if temperature is not None else divergence is None,
                 divergence_gap=None if divergence is None else divergence.gap,
+                log_likelihood=log_likelihood,
             )
         )
     return results
@@ -261,8 +328,9 @@ def _bench_prompt(
 def summarize(
     results: Sequence[PromptResult], methods: Sequence[str], tree_depths: dict[str, int]
 ) -> list[MethodSummary]:
-    """Per-method tau, tokens/s, speed-ups (median of per-prompt ratios and total-time ratio), mismatches,
-    and for tree methods the acceptance rate per depth of their tree (`tree_depths`)."""
+    """Per-method tau, tokens/s, speed-ups (median of per-prompt ratios and total-time ratio), mismatches
+    (greedy) or mean log-likelihood (sampling), and for tree methods the acceptance rate per depth of
+    their tree (`tree_depths`)."""
     reference = {r.question_id: r for r in results if r.method == AUTOREGRESSIVE}
     summaries = []
     for method in methods:
@@ -279,13 +347,18 @@ def summarize(
                 tokens_per_second=sum(r.new_tokens for r in rows) / sum(r.seconds for r in rows),
                 speedup_median=statistics.median(ratios),
                 speedup_total=sum(reference[r.question_id].seconds for r in rows) / sum(r.seconds for r in rows),
-                mismatches=sum(not r.identical for r in rows),
+                mismatches=None if rows[0].identical is None else sum(not r.identical for r in rows),
                 speedup_by_category={c: statistics.median(v) for c, v in sorted(by_category.items())},
                 acceptance_by_depth=acceptance_by_depth(accepted, tree_depths.get(method, 0)),
                 step_time_shares=step_time_shares([r.phase_seconds for r in rows if r.phase_seconds]),
+                mean_log_likelihood=_mean([r.log_likelihood for r in rows if r.log_likelihood is not None]),
             )
         )
     return summaries
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def step_time_shares(phase_seconds: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -314,21 +387,25 @@ def machine_info(device: torch.device) -> dict:
 def markdown_table(report: dict) -> str:
     """The summary of a bench JSON as a Markdown table (what README and model cards show)."""
     settings, machine = report["settings"], report["machine"]
+    temperature = settings.get("temperature")
+    decoding = "greedy" if temperature is None else f"sampling at temperature {temperature}"
+    quality = "mismatches" if temperature is None else "log-likelihood / token"
     lines = [
-        f"MT-Bench turn {settings['turn']}, {settings['num_prompts']} prompts, greedy, "
+        f"MT-Bench turn {settings['turn']}, {settings['num_prompts']} prompts, {decoding}, "
         f"{settings['max_new_tokens']} new tokens; {machine['device']} ({machine['processor']}, "
         f"{machine['torch_threads']} threads), torch {machine['torch']}, transformers {machine['transformers']}.",
         "",
-        "| method | tau | tokens/s | speed-up (median) | speed-up (total time) | mismatches | drafting + bookkeeping |",
+        f"| method | tau | tokens/s | speed-up (median) | speed-up (total time) | {quality} | drafting + bookkeeping |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         tau = f"{s['tau']:.2f}" if s["tau"] is not None else "-"
         shares = s.get("step_time_shares")
         overhead = f"{1 - shares['verify']:.0%} of a step" if shares else "-"
+        check = s["mismatches"] if temperature is None else f"{s['mean_log_likelihood']:.3f}"
         lines.append(
             f"| {s['method']} | {tau} | {s['tokens_per_second']:.1f} | {s['speedup_median']:.2f}x "
-            f"| {s['speedup_total']:.2f}x | {s['mismatches']} | {overhead} |"
+            f"| {s['speedup_total']:.2f}x | {check} | {overhead} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -162,13 +162,16 @@ def run_bench(args: argparse.Namespace) -> int:
     # every heads set on the same base object: one base in memory
     heads = {label: HydraForCausalLM.from_pretrained(p, base_model=base).to(device) for label, p in paths.items()}
     tokenizer = AutoTokenizer.from_pretrained(base_path)
+    typical = [label + bench.TYPICAL_SUFFIX for label in heads] if args.temperature is not None else []
     methods = args.methods.split(",") if args.methods else [
-        *(m for m in bench.ALL_METHODS if m not in bench.TREE_METHODS), *heads
+        *(m for m in bench.ALL_METHODS if m not in bench.TREE_METHODS), *heads, *typical
     ]
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
     questions = bench.spread_over_categories(assets.mt_bench_questions(), args.limit)
-    report = bench.run_bench(base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn)
+    report = bench.run_bench(
+        base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn, args.temperature, args.seed
+    )
     written = bench.write_report(report, args.out)
     print(bench.markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -305,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--limit", type=int, help="N questions only, spread over the 8 categories")
     bench_parser.add_argument("--max-new-tokens", type=int, default=256)
     bench_parser.add_argument("--turn", type=int, default=1, choices=(1, 2))
+    bench_parser.add_argument(
+        "--temperature", type=float,
+        help="sample at this temperature (tree methods: lossless, and typical as LABEL-typical); default greedy",
+    )
+    bench_parser.add_argument("--seed", type=int, default=0, help="with --temperature: seed + question id per run")
     bench_parser.add_argument("--device", default="cpu")
     bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
     bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")

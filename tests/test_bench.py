@@ -141,3 +141,39 @@ def test_heads_under_any_label_are_a_tree_method(base, tokenizer):
     labelled = report["summary"][1]
     assert labelled["method"] == "hydra-lm" and labelled["tau"] >= 1.0 and labelled["mismatches"] == 0
     assert len(labelled["acceptance_by_depth"]) == 2
+
+
+def test_sampling_bench_reports_log_likelihood_instead_of_mismatches(base, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    heads = {"hydra": HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=2)}
+    questions = assets.mt_bench_questions()[:2]
+    methods = ["hydra", "hydra-typical"]
+    report = bench.run_bench(base, tokenizer, heads, questions, methods, NEW_TOKENS, temperature=0.7, seed=3)
+    again = bench.run_bench(base, tokenizer, heads, questions, methods, NEW_TOKENS, temperature=0.7, seed=3)
+    assert report["settings"]["temperature"] == 0.7 and report["settings"]["seed"] == 3
+    for row in report["results"]:
+        assert row["identical"] is None and row["divergence_gap"] is None
+        assert row["log_likelihood"] < 0
+    # seeded per question: the same draws again, whatever the timing
+    assert [r["log_likelihood"] for r in report["results"]] == [r["log_likelihood"] for r in again["results"]]
+    summary = {s["method"]: s for s in report["summary"]}
+    assert set(summary) == {bench.AUTOREGRESSIVE, "hydra", "hydra-typical"}
+    for s in summary.values():
+        assert s["mismatches"] is None and s["mean_log_likelihood"] < 0
+    assert summary["hydra-typical"]["tau"] >= 1.0 and len(summary["hydra-typical"]["acceptance_by_depth"]) == 2
+    table = bench.markdown_table(report)
+    assert "sampling at temperature 0.7" in table and "log-likelihood / token" in table
+    assert f"{summary['hydra-typical']['mean_log_likelihood']:.3f}" in table
+
+
+def test_mean_log_likelihood_by_hand(base):
+    sequence = torch.tensor([[3, 1, 4, 1, 5]])
+    logits = base(sequence).logits[0]
+    by_hand = sum(float((logits[t - 1] / 0.5).log_softmax(-1)[sequence[0, t]]) for t in (3, 4)) / 2
+    assert bench.mean_log_likelihood(base, sequence, 3, 0.5) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_typical_methods_need_sampling(base):
+    heads = {"hydra": HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=2)}
+    with pytest.raises(ValueError, match="Unknown methods"):
+        bench.method_runners(base, heads, ["hydra-typical"])  # greedy: typical acceptance does not apply
