@@ -258,6 +258,7 @@ def run_bench(
     results = []
     for question, input_ids in tqdm(prompts, desc="bench", unit="prompt"):
         results += _bench_prompt(base, runners, question, input_ids, max_new_tokens, temperature, seed)
+    trees = {label: model.generation_config.hydra_tree for label, model in heads.items()}
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -269,17 +270,51 @@ def run_bench(
             "num_prompts": len(prompts),
             "temperature": temperature,
             "seed": seed if temperature is not None else None,
-            "trees": {arch: model.generation_config.hydra_tree for arch, model in heads.items()},
+            "trees": trees,
         },
         "results": [asdict(r) for r in results],
-        "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(heads, methods, temperature))],
+        "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(trees, methods, temperature))],
     }
 
 
-def _tree_depths(heads: dict[str, HydraForCausalLM], methods: Sequence[str], temperature: float | None) -> dict:
-    """Depth of the default tree of each tree method's heads."""
-    depths = {label: max(len(path) for path in model.generation_config.hydra_tree) for label, model in heads.items()}
+def _tree_depths(trees: dict[str, list], methods: Sequence[str], temperature: float | None) -> dict[str, int]:
+    """Depth of the tree of each tree method, from the trees of the heads (label -> paths)."""
+    depths = {label: max(len(path) for path in paths) for label, paths in trees.items()}
     return {m: depths[_heads_label(m, temperature)] for m in methods if _heads_label(m, temperature) in depths}
+
+
+def shard(questions: Sequence[dict], index: int, count: int) -> list[dict]:
+    """Questions index, index + count, ...: one of `count` benchmark processes run side by side."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be in [0, {count}), got {index}.")
+    return list(questions[index::count])
+
+
+def merge_reports(reports: Sequence[dict]) -> dict:
+    """One report from the shards of one benchmark (same settings and machine, disjoint questions)."""
+    first = reports[0]
+    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees")
+    for other in reports[1:]:
+        differing = [k for k in same if other["settings"].get(k) != first["settings"].get(k)]
+        if differing or other["machine"] != first["machine"]:
+            raise ValueError(f"These reports are not shards of one benchmark: they differ in {differing or 'machine'}.")
+    results = [PromptResult(**row) for report in reports for row in report["results"]]
+    ids = [r.question_id for r in results if r.method == AUTOREGRESSIVE]
+    if len(ids) != len(set(ids)):
+        raise ValueError("The reports share questions; merge the shards of one `--shard I/N` benchmark only.")
+    settings = {
+        **first["settings"],
+        "num_prompts": len(ids),
+        "shards": len(reports),  # processes that ran side by side, each on its own questions
+    }
+    depths = _tree_depths(settings["trees"], settings["methods"], settings["temperature"])
+    return {
+        **first,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "results": [asdict(r) for r in results],
+        "summary": [asdict(s) for s in summarize(results, settings["methods"], depths)],
+    }
 
 
 def _bench_prompt(
@@ -393,7 +428,8 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"MT-Bench turn {settings['turn']}, {settings['num_prompts']} prompts, {decoding}, "
         f"{settings['max_new_tokens']} new tokens; {machine['device']} ({machine['processor']}, "
-        f"{machine['torch_threads']} threads), torch {machine['torch']}, transformers {machine['transformers']}.",
+        f"{machine['torch_threads']} threads{_shards_text(settings)}), torch {machine['torch']}, "
+        f"transformers {machine['transformers']}.",
         "",
         f"| method | tau | tokens/s | speed-up (median) | speed-up (total time) | {quality} | drafting + bookkeeping |",
         "|---|---|---|---|---|---|---|",
@@ -408,6 +444,11 @@ def markdown_table(report: dict) -> str:
             f"| {s['speedup_total']:.2f}x | {check} | {overhead} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _shards_text(settings: dict) -> str:
+    shards = settings.get("shards")
+    return f" per process, {shards} processes side by side" if shards else ""
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:

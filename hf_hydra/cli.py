@@ -169,9 +169,26 @@ def run_bench(args: argparse.Namespace) -> int:
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
     questions = bench.spread_over_categories(assets.mt_bench_questions(), args.limit)
+    if args.shard:
+        index, _, count = args.shard.partition("/")
+        if not (index.isdigit() and count.isdigit()):
+            raise SystemExit(f"--shard takes I/N, e.g. 0/2; got {args.shard!r}")
+        questions = bench.shard(questions, int(index), int(count))
     report = bench.run_bench(
         base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn, args.temperature, args.seed
     )
+    written = bench.write_report(report, args.out)
+    print(bench.markdown_table(report))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def run_bench_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from . import bench
+
+    report = bench.merge_reports([json.loads(Path(path).read_text()) for path in args.reports])
     written = bench.write_report(report, args.out)
     print(bench.markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -313,10 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample at this temperature (tree methods: lossless, and typical as LABEL-typical); default greedy",
     )
     bench_parser.add_argument("--seed", type=int, default=0, help="with --temperature: seed + question id per run")
+    bench_parser.add_argument(
+        "--shard", help="I/N: only questions I, I+N, ... (run N processes side by side, then `hf-hydra bench-merge`)"
+    )
     bench_parser.add_argument("--device", default="cpu")
     bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
     bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
     bench_parser.set_defaults(func=run_bench)
+
+    merge = commands.add_parser("bench-merge", help="one report (JSON, table, plots) from `bench --shard` reports")
+    merge.add_argument("reports", nargs="+", help="the JSON of every shard")
+    merge.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
+    merge.set_defaults(func=run_bench_merge)
 
     ablation = commands.add_parser("ablation", help="table of trained heads: validation top-1, tau, speed-up")
     ablation.add_argument("--run", action="append", required=True, help="LABEL=FOLDER of `hf-hydra train` output")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -177,3 +178,25 @@ def test_typical_methods_need_sampling(base):
     heads = {"hydra": HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=2)}
     with pytest.raises(ValueError, match="Unknown methods"):
         bench.method_runners(base, heads, ["hydra-typical"])  # greedy: typical acceptance does not apply
+
+
+def test_shards_merge_into_the_report_of_all_questions(base, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    heads = {"medusa": HydraForCausalLM.from_base(base, head_arch="medusa", num_heads=2)}
+    questions = bench.spread_over_categories(assets.mt_bench_questions(), 3)
+    shards = [
+        bench.run_bench(base, tokenizer, heads, bench.shard(questions, i, 2), ["medusa"], max_new_tokens=NEW_TOKENS)
+        for i in range(2)
+    ]
+    assert [len(bench.shard(questions, i, 2)) for i in range(2)] == [2, 1]
+    merged = bench.merge_reports(shards)
+    assert merged["settings"]["num_prompts"] == 3 and merged["settings"]["shards"] == 2
+    results = [bench.PromptResult(**row) for shard in shards for row in shard["results"]]
+    expected = bench.summarize(results, [bench.AUTOREGRESSIVE, "medusa"], {"medusa": 2})
+    assert merged["summary"] == [dataclasses.asdict(s) for s in expected]
+    assert "2 processes side by side" in bench.markdown_table(merged)
+    with pytest.raises(ValueError, match="share questions"):
+        bench.merge_reports([shards[0], shards[0]])
+    other = {**shards[1], "settings": {**shards[1]["settings"], "max_new_tokens": 99}}
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        bench.merge_reports([shards[0], other])
