@@ -219,6 +219,7 @@ def _label_and_path(spec: str, option: str) -> tuple[str, str]:
 def run_tune_tree(args: argparse.Namespace) -> int:
     import json
 
+    from . import hub
     from .training.features import FeatureStore
     from .training.trainer import split_sequences
     from .tree_tuning import tune_tree
@@ -230,8 +231,10 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     paths = [list(p) for p in report.choice.paths]
     model.config.tree = paths
     model.generation_config.hydra_tree = paths
-    model.save_pretrained(args.heads)
-    (Path(args.heads) / "tree_tuning.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+    (Path(args.heads) / hub.TREE_TUNING_NAME).write_text(json.dumps(dataclasses.asdict(report), indent=1))
+    model.config.save_pretrained(args.heads)  # the weights stay as they were saved (dtype included)
+    model.generation_config.save_pretrained(args.heads)
+    hub.write_model_card(args.heads)  # the card shows the tuning's prediction
     print(f"tree of {len(paths)} nodes: expected tau {report.choice.expected_tau:.2f}, "
           f"expected {report.choice.expected_tokens_per_second:.1f} tokens/s; now the default tree of {args.heads}")
     return 0

@@ -86,6 +86,7 @@ BENCHMARK_NAME = "benchmark.json"
 CARD_TEMPLATE = importlib.resources.files("hf_hydra.model_cards") / "hydra_heads.md"  # model_cards/ in the repo
 TRAINING_ARGS_NAME = "training_args.json"  # written by `hf-hydra train` beside the heads
 TRAINING_SUMMARY_NAME = "training_summary.json"
+TREE_TUNING_NAME = "tree_tuning.json"  # written by `hf-hydra tune-tree` beside the heads
 _ARCH_TAGS = {"medusa": "medusa", "hydra": "hydra", "hydra++": "hydra-plus-plus"}
 # Training arguments that say where files were or how the run was operated, not how the heads were trained.
 _UNSHOWN_TRAINING_ARGS = {"features_dir", "output_dir", "base_model", "eval_every", "save_every",
@@ -240,6 +241,14 @@ def _heads_table(config: dict, generation: dict, weights: Path) -> str:
         ("default tree", f"{len(tree)} nodes, depth {max(map(len, tree), default=0)} (`generation_config.hydra_tree`)"),
         ("acceptance", f"`{generation.get('hydra_acceptance', config.get('acceptance', 'greedy'))}`"),
     ]
+    tuning = _read_json(weights.parent / TREE_TUNING_NAME)
+    if tuning:
+        choice, one_token = tuning["choice"], tuning["verify_seconds"][0]
+        rows.append((
+            "tree tuning (predicted)",
+            f"`hf-hydra tune-tree` chose it: expected tau {choice['expected_tau']:.2f}, expected speed-up "
+            f"{choice['expected_tokens_per_second'] * one_token:.2f}x over one-token decoding forwards",
+        ))
     reference = config.get("reference_checkpoint")
     if reference:
         rows.append(("converted from", f"`{reference['source']}` ({reference['format']})"))

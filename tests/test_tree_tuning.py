@@ -79,7 +79,10 @@ def test_cli_stores_the_tuned_tree_with_the_heads(base, store, tmp_path):
     base_dir, heads_dir = tmp_path / "base", tmp_path / "heads"
     base.save_pretrained(base_dir)
     loaded = type(base).from_pretrained(base_dir)
-    HydraForCausalLM.from_base(loaded, head_arch="hydra", num_heads=2).save_pretrained(heads_dir)
+    fresh = HydraForCausalLM.from_base(loaded, head_arch="hydra", num_heads=2)
+    fresh.heads.half()
+    fresh.save_pretrained(heads_dir)  # heads saved in float16, as `hf-hydra train --save-dtype float16` does
+    weights = (heads_dir / "model.safetensors").read_bytes()
     code = main(
         ["tune-tree", "--heads", str(heads_dir), "--features", str(store.folder), "--validation-fraction", "0.5",
          "--max-tokens", "5"]
@@ -90,3 +93,6 @@ def test_cli_stores_the_tuned_tree_with_the_heads(base, store, tmp_path):
     reloaded = HydraForCausalLM.from_pretrained(heads_dir)
     assert reloaded.generation_config.hydra_tree == tuned
     assert reloaded.config.tree == tuned
+    assert (heads_dir / "model.safetensors").read_bytes() == weights  # the weights are left as they were
+    expected = report["choice"]["expected_tau"]
+    assert f"expected tau {expected:.2f}" in (heads_dir / "README.md").read_text()  # the card shows the prediction
