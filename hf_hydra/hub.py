@@ -391,6 +391,8 @@ def push_folder(
         _check_benchmark(_read_json(Path(benchmark)), Path(benchmark))
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not create_pr:  # pushing to a new branch creates it (from main)
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     card = render_model_card(folder, repo_id, benchmark, tags)
     operations = [CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode())]
     for name in (CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME):

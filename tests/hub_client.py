@@ -122,10 +122,11 @@ def push(workdir: Path) -> None:
     (folder / "checkpoints" / "step-00000001").mkdir(parents=True)
     (folder / "checkpoints" / "step-00000001" / "model.safetensors").write_bytes(b"0" * 64)
     status = cli.main(["push", str(folder), "--repo", CLI_REPO, "--token", TOKEN])
+    branch_status = cli.main(["push", str(folder), "--repo", CLI_REPO, "--token", TOKEN, "--revision", "experiment"])
     model.save_pretrained(workdir / "ref_save_push", push_to_hub=True, repo_id=SAVE_PUSH_REPO, token=TOKEN)
     (workdir / "push.json").write_text(json.dumps({
         "first": first.oid, "second": second.oid, "base_sha": base_sha, "later_base_sha": later_base_sha,
-        "cli_status": status, "recorded_revision": model.config.base_model_revision,
+        "cli_status": status, "branch_status": branch_status, "recorded_revision": model.config.base_model_revision,
         "recorded_fingerprint": model.config.base_tokenizer_fingerprint,
     }))
 

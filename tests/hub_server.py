@@ -12,6 +12,7 @@ through the classic (non-Xet) LFS flow and download them (see shared/design/tran
     POST /{repo}.git/info/lfs/objects/batch          -> an upload href per LFS object not yet stored
     PUT  /lfs/{oid}                                  -> stores the object (sha256 checked)
     POST /api/models/{repo}/commit/{rev}             -> a new commit (ndjson: header, file, lfsFile, deletedFile)
+    POST /api/models/{repo}/branch/{branch}          -> a new branch from startingPoint or main; 409 if it exists
     HEAD/GET /{repo}/resolve/{rev}/{path}            -> the file, with X-Repo-Commit, ETag, X-Linked-Etag/Size
 
 Repos live in memory as a chain of commits (each a full snapshot {path: bytes}). A private repo answers 401
@@ -290,6 +291,19 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, {"commitUrl": f"{self._url(repo_id)}/commit/{sha}", "commitOid": sha,
                          "pullRequestUrl": None, "success": True})
 
+    def create_branch(self, body: bytes, query, repo_id: str, branch: str) -> None:
+        repo = self._repo(repo_id, write=True)
+        if repo is None:
+            return
+        branch = urllib.parse.unquote(branch)
+        if branch in repo.branches:
+            self._error(409, "Conflict", f"Reference already exists: refs/heads/{branch}")
+            return
+        start = self._commit(repo, (json.loads(body) if body else {}).get("startingPoint") or "main")
+        if start is not None:
+            repo.branches[branch] = start.sha
+            self._json(200, {})
+
     def resolve(self, body: bytes, query, repo_id: str, revision: str, path: str) -> None:
         repo = self._repo(repo_id)
         commit = repo and self._commit(repo, revision)
@@ -329,6 +343,7 @@ ROUTES = [
     ("GET", rf"/api/models/{_REPO}/tree/([^/]+)(/.*)?", HubHandler.tree),
     ("POST", rf"/api/models/{_REPO}/preupload/(.+)", HubHandler.preupload),
     ("POST", rf"/api/models/{_REPO}/commit/(.+)", HubHandler.commit),
+    ("POST", rf"/api/models/{_REPO}/branch/(.+)", HubHandler.create_branch),
     ("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", HubHandler.lfs_batch),
     ("PUT", r"/lfs/([0-9a-f]{64})", HubHandler.lfs_put),
     ("GET", rf"/{_REPO}/resolve/([^/]+)/(.+)", HubHandler.resolve),

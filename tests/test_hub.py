@@ -190,6 +190,10 @@ def test_cli_push_uploads_only_the_artifact(published) -> None:
     assert set(saved.files) == files
     card = ModelCard(saved.files["README.md"].decode())
     assert card.data.library_name == "hf_hydra" and f'from_pretrained("{SAVE_PUSH_REPO}")' in card.text
+    # `--revision` names a branch that does not exist yet: it is created from main, and main stays as it was.
+    assert json.loads((workdir / "push.json").read_text())["branch_status"] == 0
+    branch = server.state.repos[CLI_REPO].resolve("experiment")
+    assert branch.parent == commit.sha and branch.files == commit.files
 
 
 def test_config_records_the_base_commit_and_tokenizer_fingerprint(published) -> None:
