@@ -231,7 +231,11 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     paths = [list(p) for p in report.choice.paths]
     model.config.tree = paths
     model.generation_config.hydra_tree = paths
-    (Path(args.heads) / hub.TREE_TUNING_NAME).write_text(json.dumps(dataclasses.asdict(report), indent=1))
+    command = shlex.join(["hf-hydra", "tune-tree", "--heads", "heads/", "--features", args.features,
+                          "--validation-fraction", str(args.validation_fraction), "--seed", str(args.seed),
+                          "--max-sequences", str(args.max_sequences), "--max-tokens", str(args.max_tokens)])
+    record = {"command": command, **dataclasses.asdict(report)}
+    (Path(args.heads) / hub.TREE_TUNING_NAME).write_text(json.dumps(record, indent=1))
     model.config.save_pretrained(args.heads)  # the weights stay as they were saved (dtype included)
     model.generation_config.save_pretrained(args.heads)
     hub.write_model_card(args.heads)  # the card shows the tuning's prediction

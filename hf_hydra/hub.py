@@ -308,7 +308,9 @@ def _training_section(config: dict, folder: Path) -> str:
     preparation = (_read_json(folder / PREPARATION_FILE) or {}).get("command")
     lines += ["", "To reproduce:", "", "```bash"]
     lines += [preparation] if preparation else ["# features: `hf-hydra prepare ... --out features/`"]
-    lines += [_train_command(args, _prepared_folder(preparation)), "```"]
+    lines += [_train_command(args, _prepared_folder(preparation))]
+    tuning = (_read_json(folder / TREE_TUNING_NAME) or {}).get("command")
+    lines += [tuning, "```"] if tuning else ["```"]
     return "\n".join(lines)
 
 

@@ -95,4 +95,7 @@ def test_cli_stores_the_tuned_tree_with_the_heads(base, store, tmp_path):
     assert reloaded.config.tree == tuned
     assert (heads_dir / "model.safetensors").read_bytes() == weights  # the weights are left as they were
     expected = report["choice"]["expected_tau"]
-    assert f"expected tau {expected:.2f}" in (heads_dir / "README.md").read_text()  # the card shows the prediction
+    card = (heads_dir / "README.md").read_text()
+    assert f"expected tau {expected:.2f}" in card  # the card shows the prediction
+    assert report["command"].startswith("hf-hydra tune-tree --heads heads/ --features ")
+    assert "--validation-fraction 0.5" in report["command"] and "--max-tokens 5" in report["command"]
