@@ -11,6 +11,8 @@ HEAD_ARCHS = ("medusa", "hydra", "hydra++")
 VOCAB_PROJECTIONS = ("per_head", "shared", "draft_vocab", "shared_draft_vocab")
 # Projections onto a reduced draft vocabulary of K token ids (`draft_token_ids`).
 DRAFT_VOCAB_PROJECTIONS = ("draft_vocab", "shared_draft_vocab")
+# Projections that are the frozen base lm_head (all its rows, or those of the draft tokens): nothing saved.
+SHARED_PROJECTIONS = ("shared", "shared_draft_vocab")
 
 
 class HydraConfig(PretrainedConfig):

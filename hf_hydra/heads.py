@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from .configuration_hydra import HydraConfig
+from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
 from .tree import causal_mask
 
 
@@ -128,7 +128,7 @@ class DraftHeads(nn.Module):
         else:
             self.draft_token_ids = None
             output_init = base_output
-        if config.vocab_projection in ("shared", "shared_draft_vocab"):
+        if config.vocab_projection in SHARED_PROJECTIONS:
             self.register_buffer("base_output_weight", base_output, persistent=False)  # (V, d), a view
             self.register_buffer("shared_output_weight", output_init, persistent=False)  # (V or K, d)
             self.register_load_state_dict_post_hook(_refresh_shared_draft_rows)
@@ -145,7 +145,7 @@ class DraftHeads(nn.Module):
         return [ResBlock(d) for _ in range(self.config.num_layers)]
 
     def _output(self, init_weight: torch.Tensor, vocab_projection: str) -> nn.Linear | None:
-        if vocab_projection in ("shared", "shared_draft_vocab"):
+        if vocab_projection in SHARED_PROJECTIONS:
             return None
         rows, d = init_weight.shape
         output = nn.Linear(d, rows, bias=self.output_bias)
