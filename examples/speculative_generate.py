@@ -2,8 +2,7 @@
 
     python examples/speculative_generate.py [HEADS_DIR_OR_REPO]
 
-Without an argument, fresh (untrained) Hydra heads are used: the output is still exactly plain greedy
-decoding, but tau stays near 1 until the heads are trained.
+Without an argument, the Hydra++ heads shipped with the package for SmolLM2-135M-Instruct are used.
 """
 
 import sys
@@ -11,16 +10,13 @@ import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_hydra
-from hf_hydra import HydraForCausalLM
 
 
 def main() -> None:
     base_path = hf_hydra.assets.default_base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if len(sys.argv) > 1:
-        model = AutoModelForCausalLM.from_pretrained(sys.argv[1])  # a HydraForCausalLM after `import hf_hydra`
-    else:
-        model = HydraForCausalLM.from_base(AutoModelForCausalLM.from_pretrained(base_path), head_arch="hydra")
+    heads = sys.argv[1] if len(sys.argv) > 1 else hf_hydra.assets.pretrained_heads_path("hydra++")
+    model = AutoModelForCausalLM.from_pretrained(heads)  # a HydraForCausalLM after `import hf_hydra`
 
     question = hf_hydra.assets.mt_bench_questions()[0]["turns"][0]
     input_ids = tokenizer.apply_chat_template(
