@@ -15,7 +15,7 @@ import hf_hydra
 def main() -> None:
     base_path = hf_hydra.assets.default_base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    heads = sys.argv[1] if len(sys.argv) > 1 else hf_hydra.assets.pretrained_heads_path("hydra++")
+    heads = sys.argv[1] if len(sys.argv) > 1 else str(hf_hydra.assets.pretrained_heads_path("hydra++"))
     model = AutoModelForCausalLM.from_pretrained(heads)  # a HydraForCausalLM after `import hf_hydra`
 
     question = hf_hydra.assets.mt_bench_questions()[0]["turns"][0]
