@@ -70,8 +70,10 @@ class MethodSummary:
     method: str
     tau: float | None  # tokens per verification step, bonus included (tree methods)
     tokens_per_second: float  # total new tokens / total seconds
-    speedup_median: float  # median over prompts of (autoregressive seconds / method seconds)
-    speedup_total: float  # total autoregressive seconds / total method seconds
+    # Speed-ups compare seconds per new token (sampled outputs differ in length; greedy ones do not, so
+    # there they equal the ratios of seconds).
+    speedup_median: float  # median over prompts of (autoregressive s/token / method s/token)
+    speedup_total: float  # autoregressive tokens/s over all prompts / method tokens/s over the same prompts
     mismatches: int | None  # outputs differing from autoregressive greedy (None when sampling)
     speedup_by_category: dict[str, float] = field(default_factory=dict)  # median per category
     acceptance_by_depth: list[float] = field(default_factory=list)  # P(draft at depth k accepted), tree methods
@@ -370,7 +372,7 @@ def summarize(
     summaries = []
     for method in methods:
         rows = [r for r in results if r.method == method]
-        ratios = [reference[r.question_id].seconds / r.seconds for r in rows]
+        ratios = [_seconds_per_token(reference[r.question_id]) / _seconds_per_token(r) for r in rows]
         accepted = [n for r in rows for n in (r.accepted_lengths or [])]
         by_category: dict[str, list[float]] = {}
         for row, ratio in zip(rows, ratios, strict=True):
@@ -379,9 +381,9 @@ def summarize(
             MethodSummary(
                 method=method,
                 tau=sum(accepted) / len(accepted) if accepted else None,
-                tokens_per_second=sum(r.new_tokens for r in rows) / sum(r.seconds for r in rows),
+                tokens_per_second=_tokens_per_second(rows),
                 speedup_median=statistics.median(ratios),
-                speedup_total=sum(reference[r.question_id].seconds for r in rows) / sum(r.seconds for r in rows),
+                speedup_total=_tokens_per_second(rows) / _tokens_per_second([reference[r.question_id] for r in rows]),
                 mismatches=None if rows[0].identical is None else sum(not r.identical for r in rows),
                 speedup_by_category={c: statistics.median(v) for c, v in sorted(by_category.items())},
                 acceptance_by_depth=acceptance_by_depth(accepted, tree_depths.get(method, 0)),
@@ -390,6 +392,14 @@ def summarize(
             )
         )
     return summaries
+
+
+def _seconds_per_token(result: PromptResult) -> float:
+    return result.seconds / max(result.new_tokens, 1)
+
+
+def _tokens_per_second(results: Sequence[PromptResult]) -> float:
+    return sum(r.new_tokens for r in results) / sum(r.seconds for r in results)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -431,7 +441,7 @@ def markdown_table(report: dict) -> str:
         f"{machine['torch_threads']} threads{_shards_text(settings)}), torch {machine['torch']}, "
         f"transformers {machine['transformers']}.",
         "",
-        f"| method | tau | tokens/s | speed-up (median) | speed-up (total time) | {quality} | drafting + bookkeeping |",
+        f"| method | tau | tokens/s | speed-up (median) | speed-up (overall) | {quality} | drafting + bookkeeping |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
@@ -447,8 +457,8 @@ def markdown_table(report: dict) -> str:
 
 
 def _shards_text(settings: dict) -> str:
-    shards = settings.get("shards")
-    return f" per process, {shards} processes side by side" if shards else ""
+    shards = settings.get("shards") or 1
+    return f" per process, {shards} processes side by side" if shards > 1 else ""
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:

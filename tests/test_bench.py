@@ -88,7 +88,24 @@ def test_mismatches_are_counted_with_their_gap(base):
 
     rows = [row(bench.AUTOREGRESSIVE, True, 2.0), row("hydra", False, 1.0)]
     hydra = bench.summarize(rows, [bench.AUTOREGRESSIVE, "hydra"], {})[1]
-    assert hydra.mismatches == 1 and hydra.speedup_median == 2.0 and hydra.speedup_total == 2.0
+    assert hydra.mismatches == 1 and hydra.speedup_median == pytest.approx(2.0)
+    assert hydra.speedup_total == pytest.approx(2.0)
+
+
+def test_speedups_compare_seconds_per_token():
+    """Sampled outputs differ in length: 20 tokens in 2 s is twice as fast as 10 tokens in 2 s."""
+
+    def row(question_id: int, method: str, new_tokens: int, seconds: float) -> bench.PromptResult:
+        return bench.PromptResult(question_id, "writing", method, new_tokens, seconds, None, None, None, None, None)
+
+    rows = [
+        row(1, bench.AUTOREGRESSIVE, 10, 2.0), row(1, "hydra", 20, 2.0),
+        row(2, bench.AUTOREGRESSIVE, 30, 3.0), row(2, "hydra", 30, 1.0),
+    ]
+    hydra = bench.summarize(rows, [bench.AUTOREGRESSIVE, "hydra"], {})[1]
+    assert hydra.speedup_median == pytest.approx(2.5)  # median of 2 and 3
+    assert hydra.speedup_total == pytest.approx((50 / 3.0) / (40 / 5.0))  # tokens/s over the same prompts
+    assert hydra.tokens_per_second == pytest.approx(50 / 3.0) and hydra.mismatches is None
 
 
 def test_timings_are_taken_around_the_method_they_name(base):
