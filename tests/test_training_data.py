@@ -256,3 +256,30 @@ def test_self_distill_writes_resumes_and_matches_greedy_generate(tmp_path: Path,
     assert again.written == 0 and again.already_done == 3
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == records
     assert [c.id for c in load_distilled(out)] == [r["id"] for r in records]
+
+
+def test_cli_prepare_records_its_command_and_training_carries_it_to_the_card(tmp_path: Path, tokenizer) -> None:
+    from conftest import make_tiny_model
+
+    from hf_hydra.cli import main
+    from hf_hydra.training.features import FeatureStore
+    from hf_hydra.training.trainer import TrainingArguments, train
+
+    base_dir, data, features, heads = tmp_path / "base", tmp_path / "d.jsonl", tmp_path / "f", tmp_path / "h"
+    make_tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    lines = [distilled_record(str(k), f"Question {k}?", f"Answer number {k} is short.") for k in range(4)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    assert main(["prepare", "--data", str(data), "--out", str(features), "--base", str(base_dir)]) == 0
+    assert len(FeatureStore(features)) == 4
+    command = (f"hf-hydra prepare --data {data} --out {features} --max-length 512 --teacher-topk 32 "
+               f"--base {base_dir}")
+    assert json.loads((features / "preparation.json").read_text()) == {"command": command}
+
+    args = TrainingArguments(features_dir=str(features), output_dir=str(heads), base_model=str(base_dir),
+                             num_heads=2, draft_vocab_size=16, max_steps=1, batch_size=2,
+                             gradient_accumulation_steps=1, validation_fraction=0.25, save_every=0)
+    train(args)
+    assert (heads / "preparation.json").read_text() == (features / "preparation.json").read_text()
+    card = (heads / "README.md").read_text()
+    assert f"{command}\nhf-hydra train --features-dir {features} --output-dir heads/ " in card
