@@ -55,6 +55,14 @@ def _speculate(model: HydraForCausalLM, prompt: torch.Tensor, **kwargs):
     return model.generate(prompt, speculative=True, max_new_tokens=20, return_dict_in_generate=True, **kwargs)
 
 
+def _assert_greedy_on_three_prompts(model: HydraForCausalLM, base, tree: str) -> None:
+    """Speculative decoding with `tree` gives plain greedy's tokens on three seeded prompts."""
+    for seed in range(3):
+        prompt = _prompt(seed=seed)
+        expected = base.generate(prompt, do_sample=False, max_new_tokens=20)
+        assert torch.equal(_speculate(model, prompt, tree=tree).sequences, expected)
+
+
 def _assert_same_heads(a: HydraForCausalLM, b: HydraForCausalLM) -> None:
     state_a, state_b = a.heads.state_dict(), b.heads.state_dict()
     assert state_a.keys() == state_b.keys()
@@ -328,12 +336,7 @@ def test_shared_projection(tiny_model_factory, tmp_path: Path, head_arch: str) -
     lm_head = base.get_output_embeddings().weight
     assert model.heads.shared_output_weight.data_ptr() == lm_head.data_ptr()  # a view, not a copy
     _randomize_heads(model)
-    for seed in range(3):
-        prompt = _prompt(seed=seed)
-        assert torch.equal(
-            _speculate(model, prompt, tree="mc_sim_7b_63").sequences,
-            base.generate(prompt, do_sample=False, max_new_tokens=20),
-        )
+    _assert_greedy_on_three_prompts(model, base, "mc_sim_7b_63")
 
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
@@ -361,10 +364,7 @@ def test_draft_vocab_projection(tiny_model_factory, tmp_path: Path, head_arch: s
     for head in model.heads.heads:  # initialised from the base lm_head rows of the draft tokens
         assert torch.equal(head.output.weight, lm_head[DRAFT_IDS])
     _randomize_heads(model)
-    for seed in range(3):
-        prompt = _prompt(seed=seed)
-        out = _speculate(model, prompt, tree="cpu_small_11")
-        assert torch.equal(out.sequences, base.generate(prompt, do_sample=False, max_new_tokens=20))
+    _assert_greedy_on_three_prompts(model, base, "cpu_small_11")
 
     # Drafts come from the draft vocabulary only.
     tree = model.tree_buffers("cpu_small_11")
@@ -393,10 +393,7 @@ def test_shared_draft_vocab_projection(tiny_model_factory, tmp_path: Path, head_
     assert all(head.output is None for head in model.heads.heads)
     assert torch.equal(model.heads.shared_output_weight, lm_head[DRAFT_IDS])
     _randomize_heads(model)
-    for seed in range(3):
-        prompt = _prompt(seed=seed)
-        out = _speculate(model, prompt, tree="cpu_small_11")
-        assert torch.equal(out.sequences, base.generate(prompt, do_sample=False, max_new_tokens=20))
+    _assert_greedy_on_three_prompts(model, base, "cpu_small_11")
 
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
