@@ -76,7 +76,7 @@ def measure_verify_seconds(
 ) -> list[float]:
     """Median seconds of one base forward over m = 1..max_tokens new tokens after `context_length` cached."""
     base = model.base_lm
-    vocab = base.get_output_embeddings().weight.shape[0]
+    vocab = model.config.base_vocab_size
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (1, context_length), generator=generator).to(base.device)
     prefix = base(input_ids=prompt, use_cache=True).past_key_values

@@ -1,0 +1,119 @@
+"""Tests for hf_hydra.prepack: oneDNN-prepacked linear layers for CPU inference.
+
+A prepacked base must compute what the stock one computes (up to float rounding), and speculative decoding
+on it must still give plain greedy's tokens exactly, on every tiny architecture and head arch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from hf_hydra import HydraForCausalLM
+from hf_hydra.prepack import PrepackedLinear, PrepackReport, prepack_linear_layers
+
+ARCHS = ("llama", "qwen2", "mistral", "gemma")  # qwen2's q/k/v projections have biases
+HEAD_ARCHS = ("medusa", "hydra", "hydra++")
+VOCAB = 16
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _hydra(factory: Callable[..., PreTrainedModel], arch: str = "llama", head_arch: str = "hydra") -> HydraForCausalLM:
+    overrides = {"tie_word_embeddings": False} if arch == "gemma" else {}  # as in test_decoding: untied Gemma
+    base = factory(arch, seed=0, vocab_size=VOCAB, **overrides)
+    torch.manual_seed(100)
+    return HydraForCausalLM.from_base(base, head_arch=head_arch, num_heads=4).eval()
+
+
+def _prompts() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, VOCAB, (1, n), generator=generator) for n in (1, 5, 11)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(3, 64), (1, 7, 64), (2, 1, 64)])
+def test_prepacked_linear_computes_the_linear(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40, bias=bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = linear(x)
+        got = PrepackedLinear(linear)(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_report_counts_every_linear_and_replaces_them_all(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory, "qwen2")
+    linears = [m for m in model.base_lm.modules() if type(m) is nn.Linear]
+    head_linears = [m for m in model.heads.modules() if type(m) is nn.Linear]
+    report = model.prepack_base()
+    assert report == PrepackReport(layers=len(linears), parameters=sum(m.weight.numel() for m in linears))
+    assert not any(type(m) is nn.Linear for m in model.base_lm.modules())
+    assert sum(isinstance(m, PrepackedLinear) for m in model.base_lm.modules()) == len(linears)
+    assert [m for m in model.heads.modules() if type(m) is nn.Linear] == head_linears  # the heads are untouched
+
+
+@pytest.mark.parametrize("tree", ["chain", "cpu_small_11", "mc_sim_7b_63"])
+@pytest.mark.parametrize("head_arch", HEAD_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_speculative_on_a_prepacked_base_equals_stock_greedy(tiny_model_factory, arch, head_arch, tree) -> None:
+    model = _hydra(tiny_model_factory, arch, head_arch)
+    stock = copy.deepcopy(model.base_lm)
+    model.prepack_base()
+    for prompt in _prompts():
+        expected = stock.generate(prompt, do_sample=False, max_new_tokens=24)
+        fast = model.generate(prompt, speculative=True, tree=tree, do_sample=False, max_new_tokens=24)
+        plain = model.generate(prompt, do_sample=False, max_new_tokens=24)
+        assert torch.equal(fast, expected)
+        assert torch.equal(plain, expected)
+
+
+def test_assisted_mode_on_a_prepacked_base_equals_stock_greedy(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory)
+    stock = copy.deepcopy(model.base_lm)
+    model.prepack_base()
+    for prompt in _prompts():
+        expected = stock.generate(prompt, do_sample=False, max_new_tokens=24)
+        assert torch.equal(model.generate(prompt, speculative="assisted", do_sample=False, max_new_tokens=24), expected)
+
+
+def test_heads_save_the_same_after_prepacking(tiny_model_factory, tmp_path: Path) -> None:
+    model = _hydra(tiny_model_factory, head_arch="hydra++")
+    model.save_pretrained(tmp_path / "before")
+    model.prepack_base()
+    model.save_pretrained(tmp_path / "after")
+    before, after = (tmp_path / folder / "model.safetensors" for folder in ("before", "after"))
+    assert before.read_bytes() == after.read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_other_dtypes_are_a_value_error(tiny_model_factory, dtype: torch.dtype) -> None:
+    model = _hydra(tiny_model_factory).to(dtype)
+    with pytest.raises(ValueError, match="float32"):
+        model.prepack_base()
+
+
+def test_prepacking_twice_is_a_value_error(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory)
+    model.prepack_base()
+    with pytest.raises(ValueError, match="already prepacked"):
+        model.prepack_base()
+
+
+def test_a_module_without_linears_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        prepack_linear_layers(nn.Sequential(nn.ReLU()))
+
+
+def test_training_through_a_prepacked_layer_is_a_runtime_error() -> None:
+    layer = PrepackedLinear(nn.Linear(8, 4))
+    with pytest.raises(RuntimeError, match="inference only"):
+        layer(torch.randn(2, 8, requires_grad=True))
