@@ -33,7 +33,8 @@ from .decoding import STEP_PHASES, SpeculationStats
 from .modeling_hydra import HydraForCausalLM
 
 SCHEMA_VERSION = 1
-AUTOREGRESSIVE = "autoregressive"
+AUTOREGRESSIVE = "autoregressive"  # plain `generate` on the stock base: the reference of every speed-up
+AUTOREGRESSIVE_PREPACKED = "autoregressive_prepacked"  # plain `generate` on the prepacked base (with --prepack)
 PROMPT_LOOKUP = "prompt_lookup"
 ASSISTED = "hydra_assisted"  # the chain candidate generator in transformers' assisted loop
 # Tree decoding with a set of heads, named by a label: the head architectures by default, any label
@@ -126,15 +127,20 @@ def method_runners(
     heads: dict[str, HydraForCausalLM],
     methods: Sequence[str],
     temperature: float | None = None,
+    prepacked_base: PreTrainedModel | None = None,
 ) -> dict[str, Runner]:
     """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method;
     a method named like a key of `heads` is tree decoding with those heads (lossless acceptance when
-    sampling), `<label>-typical` the same heads with typical acceptance (sampling only)."""
+    sampling), `<label>-typical` the same heads with typical acceptance (sampling only).
+
+    prepacked_base: the base with prepacked linear layers (`hf_hydra.prepack`), on which the heads sit;
+    prompt lookup and `autoregressive_prepacked` then run on it too, `autoregressive` stays on `base`."""
     options = decoding_options(temperature)
-    unknown = [m for m in methods if m not in ALL_METHODS and _heads_label(m, temperature) not in heads]
+    known = (*ALL_METHODS, AUTOREGRESSIVE_PREPACKED) if prepacked_base is not None else ALL_METHODS
+    unknown = [m for m in methods if m not in known and _heads_label(m, temperature) not in heads]
     if unknown:
         raise ValueError(
-            f"Unknown methods {unknown}; choose among {ALL_METHODS}, the labels of --heads and, when sampling, "
+            f"Unknown methods {unknown}; choose among {known}, the labels of --heads and, when sampling, "
             f"'<label>{TYPICAL_SUFFIX}'."
         )
     missing = [m for m in methods if m in TREE_METHODS and m not in heads]
@@ -143,12 +149,15 @@ def method_runners(
     if missing:
         raise ValueError(f"Methods {missing} need heads: pass --heads ARCH=PATH for them.")
     runners: dict[str, Runner] = {}
+    fast_base = prepacked_base if prepacked_base is not None else base
     for method in methods:
         if method == AUTOREGRESSIVE:
             runners[method] = lambda ids, n: (base.generate(ids, max_new_tokens=n, **options), None)
+        elif method == AUTOREGRESSIVE_PREPACKED:
+            runners[method] = lambda ids, n: (fast_base.generate(ids, max_new_tokens=n, **options), None)
         elif method == PROMPT_LOOKUP:
             runners[method] = lambda ids, n: (
-                base.generate(ids, max_new_tokens=n, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **options),
+                fast_base.generate(ids, max_new_tokens=n, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **options),
                 None,
             )
         elif method == ASSISTED:
@@ -244,16 +253,18 @@ def run_bench(
     turn: int = 1,
     temperature: float | None = None,
     seed: int = 0,
+    prepacked_base: PreTrainedModel | None = None,
 ) -> dict:
     """Run every method on every question, interleaved, after a warm-up; return the report as a dict.
 
     temperature None: greedy. Otherwise every method samples at that temperature; each method's draws on
     question q start from `torch.manual_seed(seed + q)` (reproducible, independent of the method order).
+    prepacked_base: see `method_runners`; the reference stays plain `generate` on the stock `base`.
     """
     if turn not in (1, 2):
         raise ValueError(f"turn must be 1 or 2, got {turn}.")
     methods = [AUTOREGRESSIVE] + [m for m in methods if m != AUTOREGRESSIVE]  # the reference comes first
-    runners = method_runners(base, heads, methods, temperature)
+    runners = method_runners(base, heads, methods, temperature, prepacked_base)
     prompts = bench_prompts(tokenizer, base, questions, turn, max_new_tokens)
     for runner in runners.values():  # warm-up: first calls pay for allocation and lazy initialisation
         runner(prompts[0][1], 8)
@@ -273,6 +284,7 @@ def run_bench(
             "temperature": temperature,
             "seed": seed if temperature is not None else None,
             "trees": trees,
+            "prepacked": prepacked_base is not None,
         },
         "results": [asdict(r) for r in results],
         "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(trees, methods, temperature))],
@@ -295,7 +307,7 @@ def shard(questions: Sequence[dict], index: int, count: int) -> list[dict]:
 def merge_reports(reports: Sequence[dict]) -> dict:
     """One report from the shards of one benchmark (same settings and machine, disjoint questions)."""
     first = reports[0]
-    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees")
+    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees", "prepacked")
     for other in reports[1:]:
         differing = [k for k in same if other["settings"].get(k) != first["settings"].get(k)]
         if differing or other["machine"] != first["machine"]:
@@ -439,7 +451,7 @@ def markdown_table(report: dict) -> str:
         f"MT-Bench turn {settings['turn']}, {settings['num_prompts']} prompts, {decoding}, "
         f"{settings['max_new_tokens']} new tokens; {machine['device']} ({machine['processor']}, "
         f"{machine['torch_threads']} threads{_shards_text(settings)}), torch {machine['torch']}, "
-        f"transformers {machine['transformers']}.",
+        f"transformers {machine['transformers']}.{_prepacked_text(settings)}",
         "",
         f"| method | tau | tokens/s | speed-up (median) | speed-up (overall) | {quality} | drafting + bookkeeping |",
         "|---|---|---|---|---|---|---|",
@@ -454,6 +466,15 @@ def markdown_table(report: dict) -> str:
             f"| {s['speedup_total']:.2f}x | {check} | {overhead} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _prepacked_text(settings: dict) -> str:
+    if not settings.get("prepacked"):
+        return ""
+    return (
+        f" Every method but `{AUTOREGRESSIVE}` (plain `generate`, stock kernels: the reference) runs on the base "
+        "with oneDNN-prepacked linear layers (`--prepack`)."
+    )
 
 
 def _shards_text(settings: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import shlex
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from . import assets
 from .configuration_hydra import HEAD_ARCHS
 from .modeling_hydra import HydraForCausalLM
+from .prepack import prepack_linear_layers
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class TimedGeneration:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens.shape[0] / self.seconds
+
+
+PREPACK_HELP = (
+    "CPU, float32: prepack the base's linear layers for oneDNN (hf_hydra.prepack), so that verifying a few "
+    "tokens costs less than a stock one-token forward"
+)
 
 
 def load_model(heads: str | None, arch: str, random_heads: bool, num_heads: int) -> HydraForCausalLM:
@@ -73,6 +81,8 @@ def timed_generate(
 
 def run_generate(args: argparse.Namespace) -> int:
     model = load_model(args.heads, args.arch, args.random_heads, args.num_heads)
+    if args.prepack:
+        model.prepack_base()
     tokenizer = AutoTokenizer.from_pretrained(model.base_lm.name_or_path)
     input_ids = chat_input_ids(tokenizer, args.prompt)
     torch.manual_seed(0)
@@ -83,7 +93,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.compare:
         plain = timed_generate(model, input_ids, False, args.max_new_tokens)
         identical = torch.equal(plain.new_tokens, fast.new_tokens)
-        print(f"[plain generate] {plain.new_tokens.shape[0]} tokens  {plain.tokens_per_second:.1f} tokens/s")
+        kernels = " (prepacked base)" if args.prepack else ""
+        print(f"[plain generate{kernels}] {plain.new_tokens.shape[0]} tokens  {plain.tokens_per_second:.1f} tokens/s")
         print(f"speed-up {fast.tokens_per_second / plain.tokens_per_second:.2f}x  identical text: {identical}")
         if not identical:
             return 1
@@ -156,16 +167,21 @@ def run_bench(args: argparse.Namespace) -> int:
     base_path = args.base or assets.default_base_model_path()
     device = torch.device(args.device)
     base = AutoModelForCausalLM.from_pretrained(base_path).to(device).eval()
+    # --prepack: a second copy of the base, prepacked, for every method but the autoregressive reference
+    fast_base = copy.deepcopy(base) if args.prepack else None
     paths = dict(_label_and_path(spec, "--heads") for spec in args.heads)
     if not paths and args.base is None:  # the default model: the shipped heads of every arch
         paths = {arch: str(assets.pretrained_heads_path(arch)) for arch in HEAD_ARCHS}
-    # every heads set on the same base object: one base in memory
-    heads = {label: HydraForCausalLM.from_pretrained(p, base_model=base).to(device) for label, p in paths.items()}
+    # every heads set on the same base object: one base in memory (two with --prepack)
+    heads_base = fast_base if fast_base is not None else base
+    heads = {label: HydraForCausalLM.from_pretrained(p, base_model=heads_base).to(device) for label, p in paths.items()}
+    if fast_base is not None:  # after the heads took their shared rows of the base lm_head
+        prepack_linear_layers(fast_base)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     typical = [label + bench.TYPICAL_SUFFIX for label in heads] if args.temperature is not None else []
-    methods = args.methods.split(",") if args.methods else [
-        *(m for m in bench.ALL_METHODS if m not in bench.TREE_METHODS), *heads, *typical
-    ]
+    prepacked = [bench.AUTOREGRESSIVE_PREPACKED] if args.prepack else []
+    peers = [m for m in bench.ALL_METHODS if m not in (bench.AUTOREGRESSIVE, *bench.TREE_METHODS)]
+    methods = args.methods.split(",") if args.methods else [bench.AUTOREGRESSIVE, *prepacked, *peers, *heads, *typical]
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
     questions = bench.spread_over_categories(assets.mt_bench_questions(), args.limit)
@@ -175,7 +191,8 @@ def run_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"--shard takes I/N, e.g. 0/2; got {args.shard!r}")
         questions = bench.shard(questions, int(index), int(count))
     report = bench.run_bench(
-        base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn, args.temperature, args.seed
+        base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn, args.temperature, args.seed,
+        prepacked_base=fast_base,
     )
     written = bench.write_report(report, args.out)
     print(bench.markdown_table(report))
@@ -225,6 +242,8 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     from .tree_tuning import tune_tree
 
     model = HydraForCausalLM.from_pretrained(args.heads)
+    if args.prepack:
+        model.prepack_base()
     store = FeatureStore(args.features)
     _, held_out = split_sequences(len(store), args.validation_fraction, args.seed)
     report = tune_tree(model, store, held_out[: args.max_sequences], max_tokens=args.max_tokens)
@@ -233,8 +252,9 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     model.generation_config.hydra_tree = paths
     command = shlex.join(["hf-hydra", "tune-tree", "--heads", "heads/", "--features", args.features,
                           "--validation-fraction", str(args.validation_fraction), "--seed", str(args.seed),
-                          "--max-sequences", str(args.max_sequences), "--max-tokens", str(args.max_tokens)])
-    record = {"command": command, **dataclasses.asdict(report)}
+                          "--max-sequences", str(args.max_sequences), "--max-tokens", str(args.max_tokens),
+                          *(["--prepack"] if args.prepack else [])])
+    record = {"command": command, "prepacked": args.prepack, **dataclasses.asdict(report)}
     (Path(args.heads) / hub.TREE_TUNING_NAME).write_text(json.dumps(record, indent=1))
     model.config.save_pretrained(args.heads)  # the weights stay as they were saved (dtype included)
     model.generation_config.save_pretrained(args.heads)
@@ -298,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-heads", type=int, default=4, help="number of fresh heads (with --random-heads)")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--compare", action="store_true", help="also run plain generate; print speed-up and equality")
+    gen.add_argument("--prepack", action="store_true", help=PREPACK_HELP)
     gen.set_defaults(func=run_generate)
 
     distill = commands.add_parser("distill", help="answer ShareGPT first turns with the base model (resumable)")
@@ -341,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", help="I/N: only questions I, I+N, ... (run N processes side by side, then `hf-hydra bench-merge`)"
     )
     bench_parser.add_argument("--device", default="cpu")
+    bench_parser.add_argument(
+        "--prepack", action="store_true",
+        help=PREPACK_HELP + "; every method but the autoregressive reference runs on it, plus autoregressive_prepacked",
+    )
     bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
     bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
     bench_parser.set_defaults(func=run_bench)
@@ -363,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="as in training: the held-out split")
     tune.add_argument("--max-sequences", type=int, default=200, help="held-out sequences to measure accuracy on")
     tune.add_argument("--max-tokens", type=int, default=32, help="largest tree (+ root) whose latency is measured")
+    tune.add_argument("--prepack", action="store_true", help=PREPACK_HELP + " (latencies measured with them)")
     tune.set_defaults(func=run_tune_tree)
 
     push = commands.add_parser("push", help="upload saved heads (heads only) with their model card to the Hub")

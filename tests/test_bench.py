@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -12,6 +13,7 @@ from conftest import make_tiny_model
 from transformers import AutoTokenizer
 
 from hf_hydra import HydraForCausalLM, SpeculationStats, assets, bench
+from hf_hydra.prepack import PrepackedLinear, prepack_linear_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -145,6 +147,8 @@ def test_acceptance_by_depth():
 def test_unknown_or_headless_methods_are_refused(base):
     with pytest.raises(ValueError, match="Unknown methods"):
         bench.method_runners(base, {}, ["fastest"])
+    with pytest.raises(ValueError, match="Unknown methods"):  # only with a prepacked base
+        bench.method_runners(base, {}, [bench.AUTOREGRESSIVE_PREPACKED])
     with pytest.raises(ValueError, match="need heads"):
         bench.method_runners(base, {}, ["hydra"])
 
@@ -217,3 +221,22 @@ def test_shards_merge_into_the_report_of_all_questions(base, tokenizer, tmp_path
     other = {**shards[1], "settings": {**shards[1]["settings"], "max_new_tokens": 99}}
     with pytest.raises(ValueError, match="max_new_tokens"):
         bench.merge_reports([shards[0], other])
+
+
+def test_prepacked_bench_keeps_the_stock_reference(base, tokenizer, tmp_path):
+    """--prepack: the heads, prompt lookup and autoregressive_prepacked run on a prepacked copy of the base;
+    the reference stays plain generate on the stock base, and every output still equals it."""
+    fast_base = copy.deepcopy(base)
+    torch.manual_seed(0)
+    heads = {"hydra": HydraForCausalLM.from_base(fast_base, head_arch="hydra", num_heads=3)}
+    prepack_linear_layers(fast_base)
+    methods = [bench.AUTOREGRESSIVE, bench.AUTOREGRESSIVE_PREPACKED, bench.PROMPT_LOOKUP, "hydra"]
+    questions = assets.mt_bench_questions()[:2]
+    report = bench.run_bench(
+        base, tokenizer, heads, questions, methods, max_new_tokens=NEW_TOKENS, prepacked_base=fast_base
+    )
+    assert not any(isinstance(m, PrepackedLinear) for m in base.modules())  # the reference base is untouched
+    assert report["settings"]["prepacked"] is True and report["settings"]["methods"] == methods
+    assert all(row["identical"] for row in report["results"])
+    assert "oneDNN-prepacked" in bench.markdown_table(report)
+    assert "oneDNN" not in bench.markdown_table({**report, "settings": {**report["settings"], "prepacked": False}})

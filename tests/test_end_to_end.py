@@ -8,6 +8,7 @@ top-2 logits must be within 1e-4. Such a case is reported with its gap, never sk
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -74,6 +75,21 @@ def test_shipped_heads_match_greedy_on_mt_bench(base_model, prompts, plain_outpu
     assert sum(taus) / len(taus) > 1.2  # trained heads: several tokens per base forward, not a random head's ~1.07
 
 
+def test_shipped_heads_on_a_prepacked_base_match_stock_greedy(base_model, prompts, plain_outputs):
+    """The CPU fast path: every linear layer of the base prepacked for oneDNN (other kernels than plain
+    greedy's), the same tokens as plain greedy on the stock base."""
+    fast_base = copy.deepcopy(base_model)
+    model = HydraForCausalLM.from_pretrained(assets.pretrained_heads_path("hydra++"), base_model=fast_base)
+    model.prepack_base()
+    ties = []
+    for input_ids, plain in zip(prompts, plain_outputs, strict=True):
+        fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True)
+        tie = assert_same_or_tie(base_model, plain, fast, input_ids.shape[1])
+        if tie is not None:
+            ties.append(tie)
+    print(f"prepacked base, shipped hydra++ heads: {len(ties)} floating-point ties {ties}")
+
+
 def test_random_heads_match_greedy_on_mt_bench(base_model, prompts, plain_outputs):
     torch.manual_seed(0)
     model = HydraForCausalLM.from_base(base_model, head_arch="hydra++", num_heads=4).eval()
@@ -109,18 +125,11 @@ def test_stop_strings_and_text_streamer(base_model, tokenizer, prompts, capsys):
     assert printed.strip() == tokenizer.decode(fast_stopped[0, input_ids.shape[1] :], skip_special_tokens=False).strip()
 
 
-def test_cli_generate_compare():
+@pytest.mark.parametrize("options", [[], ["--prepack"]])
+def test_cli_generate_compare(options):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_hydra.cli",
-            "generate",
-            "--compare",
-            "--max-new-tokens",
-            "24",
-            "Why is the sky blue?",
-        ],
+        [sys.executable, "-m", "hf_hydra.cli", "generate", "--compare", "--max-new-tokens", "24", *options,
+         "Why is the sky blue?"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -99,3 +99,16 @@ def test_cli_stores_the_tuned_tree_with_the_heads(base, store, tmp_path):
     assert f"expected tau {expected:.2f}" in card  # the card shows the prediction
     assert report["command"].startswith("hf-hydra tune-tree --heads heads/ --features ")
     assert "--validation-fraction 0.5" in report["command"] and "--max-tokens 5" in report["command"]
+
+
+def test_cli_prepack_measures_with_prepacked_kernels_and_says_so(base, store, tmp_path):
+    base_dir, heads_dir = tmp_path / "base", tmp_path / "heads"
+    base.save_pretrained(base_dir)
+    HydraForCausalLM.from_base(type(base).from_pretrained(base_dir), head_arch="medusa", num_heads=2).save_pretrained(
+        heads_dir
+    )
+    args = ["tune-tree", "--heads", str(heads_dir), "--features", str(store.folder), "--validation-fraction", "0.5"]
+    assert main([*args, "--max-tokens", "4", "--prepack"]) == 0
+    report = json.loads((heads_dir / "tree_tuning.json").read_text())
+    assert report["prepacked"] is True and report["command"].endswith(" --prepack")
+    assert len(report["verify_seconds"]) == 4
