@@ -244,10 +244,11 @@ def _heads_table(config: dict, generation: dict, weights: Path) -> str:
     tuning = _read_json(weights.parent / TREE_TUNING_NAME)
     if tuning:
         choice, one_token = tuning["choice"], tuning["verify_seconds"][0]
+        kernels = ", both on the base prepacked for CPU (`model.prepack_base()`)" if tuning.get("prepacked") else ""
         rows.append((
             "tree tuning (predicted)",
             f"`hf-hydra tune-tree` chose it: expected tau {choice['expected_tau']:.2f}, expected speed-up "
-            f"{choice['expected_tokens_per_second'] * one_token:.2f}x over one-token decoding forwards",
+            f"{choice['expected_tokens_per_second'] * one_token:.2f}x over one-token decoding forwards{kernels}",
         ))
     reference = config.get("reference_checkpoint")
     if reference:

@@ -72,27 +72,29 @@ def _draft_columns(draft_token_ids: torch.Tensor | None, vocab_size: int) -> tor
 
 @torch.no_grad()
 def measure_verify_seconds(
-    model: HydraForCausalLM, max_tokens: int, context_length: int = 300, repeats: int = 5
+    model: HydraForCausalLM, max_tokens: int, context_length: int = 300, repeats: int = 7
 ) -> list[float]:
-    """Median seconds of one base forward over m = 1..max_tokens new tokens after `context_length` cached."""
+    """Median seconds of one base forward over m = 1..max_tokens new tokens after `context_length` cached.
+
+    Each round times every size once (after one warm-up round), so a burst of load from another process
+    hits a few rounds of all sizes, not all rounds of a few sizes: the medians stay comparable."""
     base = model.base_lm
     vocab = model.config.base_vocab_size
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (1, context_length), generator=generator).to(base.device)
     prefix = base(input_ids=prompt, use_cache=True).past_key_values
-    seconds = []
-    for m in tqdm(range(1, max_tokens + 1), desc="verify latency", unit="size"):
-        tokens = torch.randint(vocab, (1, m), generator=generator).to(base.device)
-        runs = []
-        for _ in range(repeats + 1):  # the first run warms up
+    sizes = range(1, max_tokens + 1)
+    tokens = {m: torch.randint(vocab, (1, m), generator=generator).to(base.device) for m in sizes}
+    runs: dict[int, list[float]] = {m: [] for m in sizes}
+    for _ in tqdm(range(repeats + 1), desc="verify latency", unit="round"):
+        for m in sizes:
             cache = copy.deepcopy(prefix)
             start = time.perf_counter()
-            base(input_ids=tokens, past_key_values=cache, use_cache=True)
+            base(input_ids=tokens[m], past_key_values=cache, use_cache=True)
             if base.device.type == "cuda":
                 torch.cuda.synchronize(base.device)
-            runs.append(time.perf_counter() - start)
-        seconds.append(statistics.median(runs[1:]))
-    return seconds
+            runs[m].append(time.perf_counter() - start)
+    return [statistics.median(runs[m][1:]) for m in sizes]  # the first round warmed up
 
 
 @torch.no_grad()

@@ -112,3 +112,4 @@ def test_cli_prepack_measures_with_prepacked_kernels_and_says_so(base, store, tm
     report = json.loads((heads_dir / "tree_tuning.json").read_text())
     assert report["prepacked"] is True and report["command"].endswith(" --prepack")
     assert len(report["verify_seconds"]) == 4
+    assert "prepacked for CPU" in (heads_dir / "README.md").read_text()
