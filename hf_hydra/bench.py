@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import __version__
 from .decoding import STEP_PHASES, SpeculationStats
 from .modeling_hydra import HydraForCausalLM
+from .tree import TreeSpec, resolve_tree
 
 SCHEMA_VERSION = 1
 AUTOREGRESSIVE = "autoregressive"  # plain `generate` on the stock base: the reference of every speed-up
@@ -172,6 +173,13 @@ def method_runners(
             typical = {**options, "acceptance": "typical"}
             runners[method] = _tree_runner(heads[_heads_label(method, temperature)], typical)
     return runners
+
+
+def use_tree(heads: dict[str, HydraForCausalLM], tree: TreeSpec) -> None:
+    """Make `tree` (a name or rank paths) the default tree of every heads set, e.g. to compare heads on one
+    tree, or tuned trees with Medusa's reference `mc_sim_7b_63`; a ValueError when it is too deep for a set."""
+    for model in heads.values():
+        model.generation_config.hydra_tree = [list(p) for p in resolve_tree(tree, model.config.num_heads)]
 
 
 def _heads_label(method: str, temperature: float | None) -> str:

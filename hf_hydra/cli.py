@@ -177,6 +177,8 @@ def run_bench(args: argparse.Namespace) -> int:
     heads = {label: HydraForCausalLM.from_pretrained(p, base_model=heads_base).to(device) for label, p in paths.items()}
     if fast_base is not None:  # after the heads took their shared rows of the base lm_head
         prepack_linear_layers(fast_base)
+    if args.tree:
+        bench.use_tree(heads, args.tree)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     typical = [label + bench.TYPICAL_SUFFIX for label in heads] if args.temperature is not None else []
     prepacked = [bench.AUTOREGRESSIVE_PREPACKED] if args.prepack else []
@@ -362,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", help="I/N: only questions I, I+N, ... (run N processes side by side, then `hf-hydra bench-merge`)"
     )
     bench_parser.add_argument("--device", default="cpu")
+    bench_parser.add_argument(
+        "--tree", help="one tree for every heads set instead of each set's default (a name such as cpu_small_11)"
+    )
     bench_parser.add_argument(
         "--prepack", action="store_true",
         help=PREPACK_HELP + "; every method but the autoregressive reference runs on it, plus autoregressive_prepacked",

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from hf_hydra import HydraForCausalLM, SpeculationStats, assets, bench
 from hf_hydra.prepack import PrepackedLinear, prepack_linear_layers
+from hf_hydra.tree import CPU_SMALL_11
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -240,3 +241,14 @@ def test_prepacked_bench_keeps_the_stock_reference(base, tokenizer, tmp_path):
     assert all(row["identical"] for row in report["results"])
     assert "oneDNN-prepacked" in bench.markdown_table(report)
     assert "oneDNN" not in bench.markdown_table({**report, "settings": {**report["settings"], "prepacked": False}})
+
+
+def test_use_tree_sets_one_tree_for_every_heads_set(base):
+    torch.manual_seed(0)
+    heads = {arch: HydraForCausalLM.from_base(base, head_arch=arch, num_heads=4) for arch in ("medusa", "hydra")}
+    bench.use_tree(heads, "cpu_small_11")
+    assert all(m.generation_config.hydra_tree == [list(p) for p in CPU_SMALL_11] for m in heads.values())
+    with pytest.raises(ValueError, match="Unknown tree name"):
+        bench.use_tree(heads, "largest")
+    with pytest.raises(ValueError, match="only 4 draft heads"):
+        bench.use_tree(heads, "chain-5")
