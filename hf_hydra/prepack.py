@@ -3,11 +3,12 @@
 torch's stock float32 CPU matmul (MKL) handles a handful of rows badly: measured on SmolLM2-135M with one
 thread, a forward over 2-3 tokens costs 1.7-1.9x a one-token forward and 4-12 tokens 1.3-1.6x, so the
 verification forward eats what the drafts gain. Reordering every weight once into oneDNN's blocked layout
-("prepacking", what torch.compile's CPU freezing and IPEX do) makes a forward over 3-12 tokens cost
-0.75-1.05x the stock one-token forward (and a one-token forward 0.9x). The numbers agree with the stock
-ones up to float rounding (logits within ~1e-4 on SmolLM2), like any change of matmul kernel.
+("prepacking"; the ops are those torch.compile's CPU backend emits for frozen weights) makes a forward over
+3-12 tokens cost 0.75-1.05x the stock one-token forward (2 tokens 1.2x, one token 0.9x). The outputs agree
+with the stock ones up to float rounding (logits within ~1e-4 on SmolLM2), like any change of matmul kernel.
 
-Inference only: the packed weight is an opaque oneDNN tensor (no autograd, no `.to(device)`, not saved).
+Inference only: the packed weight is an opaque oneDNN tensor (no autograd, no moving or casting, no copying;
+not saved). Such requests are a RuntimeError saying so.
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ class PrepackedLinear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("PrepackedLinear is for inference only: run it under torch.no_grad().")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def _apply(self, fn, recurse: bool = True) -> PrepackedLinear:
+        """`.to()`, `.half()`, `.cuda()`, ...: allowed only when they leave a CPU float32 tensor as it is."""
+        probe = fn(torch.empty(0))
+        if probe.device.type != "cpu" or probe.dtype != torch.float32:
+            raise RuntimeError(
+                f"A prepacked layer cannot move or change dtype (to {probe.device.type} / {probe.dtype}): its weight "
+                "is an opaque oneDNN tensor. Move or cast the model before prepacking, or reload it."
+            )
+        return self
+
+    def __deepcopy__(self, memo: dict) -> PrepackedLinear:
+        raise RuntimeError(
+            "A prepacked layer cannot be copied (opaque oneDNN weight); "
+            "copy the model before prepacking."
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

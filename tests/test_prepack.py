@@ -117,3 +117,14 @@ def test_training_through_a_prepacked_layer_is_a_runtime_error() -> None:
     layer = PrepackedLinear(nn.Linear(8, 4))
     with pytest.raises(RuntimeError, match="inference only"):
         layer(torch.randn(2, 8, requires_grad=True))
+
+
+def test_moving_casting_or_copying_a_prepacked_layer_is_a_clear_error(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory)
+    model.prepack_base()
+    model.to("cpu")  # a no-op is fine
+    model.float()
+    with pytest.raises(RuntimeError, match="cannot move or change dtype"):
+        model.half()
+    with pytest.raises(RuntimeError, match="copy the model before prepacking"):
+        copy.deepcopy(model.base_lm)
