@@ -430,6 +430,8 @@ def test_ablation_table_joins_training_logs_and_benchmark(base_dir, features_dir
     table = markdown_ablation(rows, report)
     top1 = " | ".join(f"{x:.3f}" for x in hydra.validation["top1"])
     assert f"| hydra-teacher | hydra | teacher | 5 | 1 | 3 | {top1} | 1.75 | 1.25x |" in table
-    assert "4 prompts" in table
+    assert "4 prompts" in table and "each heads' default tree" in table  # the report names no trees
+    one_tree = {**report["settings"], "trees": {"a": [[0], [1]], "b": [[0], [1]]}}
+    assert "one 2-node tree for all heads" in markdown_ablation(rows, {**report, "settings": one_tree})
     with pytest.raises(FileNotFoundError, match="hf-hydra train"):
         ablation_rows({"x": tmp_path}, report)

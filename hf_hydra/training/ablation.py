@@ -2,7 +2,7 @@
 
 Each row is one trained heads folder (its `training_summary.json`: arch, losses, validation top-1 per
 head) joined with the benchmark JSON of `hf-hydra bench`, where the same heads ran under the same label
-(tau and speed-up on MT-Bench, greedy, each heads' default tree).
+(tau and speed-up on MT-Bench, greedy, on the trees that benchmark used: `bench --tree` for one tree for all).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def markdown_ablation(rows: list[AblationRow], bench_report: dict) -> str:
     lines = [
         f"Validation top-1 per head (held-out ShareGPT, vs the base's greedy token); tau and speed-up on MT-Bench "
         f"turn {settings['turn']}, {settings['num_prompts']} prompts, greedy, {settings['max_new_tokens']} new "
-        "tokens, each heads' default tree.",
+        f"tokens, {_trees_text(settings.get('trees') or {})}.",
         "",
         "| heads | arch | loss | noise | layers | steps | " + " | ".join(f"top-1 head {i}" for i in range(heads))
         + " | tau | speed-up |",
@@ -79,3 +79,11 @@ def markdown_ablation(rows: list[AblationRow], bench_report: dict) -> str:
             + f" | {tau} | {speedup} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _trees_text(trees: dict[str, list]) -> str:
+    """'one tree of N nodes for all heads' when the benchmark used one tree (`bench --tree`), else each set's own."""
+    distinct = {json.dumps(paths) for paths in trees.values()}
+    if len(distinct) == 1:
+        return f"one {len(next(iter(trees.values())))}-node tree for all heads"
+    return "each heads' default tree"
