@@ -1,7 +1,7 @@
 """Prepacked oneDNN linear layers: few-token forwards that cost less than a stock one-token forward on CPUs.
 
 torch's stock float32 CPU matmul (MKL) handles a handful of rows badly: measured on SmolLM2-135M with one
-thread, a forward over 2-3 tokens costs 1.7-1.9x a one-token forward and 4-12 tokens 1.3-1.6x, so the
+thread, a forward over 2-3 tokens costs 1.7-1.9x a one-token forward and 4-12 tokens 1.3-1.7x, so the
 verification forward eats what the drafts gain. Reordering every weight once into oneDNN's blocked layout
 ("prepacking"; the ops are those torch.compile's CPU backend emits for frozen weights) makes a forward over
 3-12 tokens cost 0.75-1.05x the stock one-token forward (2 tokens 1.2x, one token 0.9x). The outputs agree
