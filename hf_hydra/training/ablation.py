@@ -82,7 +82,7 @@ def markdown_ablation(rows: list[AblationRow], bench_report: dict) -> str:
 
 
 def _trees_text(trees: dict[str, list]) -> str:
-    """'one tree of N nodes for all heads' when the benchmark used one tree (`bench --tree`), else each set's own."""
+    """'one N-node tree for all heads' when the benchmark used one tree (`bench --tree`), else each set's own."""
     distinct = {json.dumps(paths) for paths in trees.values()}
     if len(distinct) == 1:
         return f"one {len(next(iter(trees.values())))}-node tree for all heads"
