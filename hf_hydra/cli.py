@@ -104,11 +104,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from .training.data import load_sharegpt, split_train_validation
+    from .training.data import load_sharegpt, seeded_sample
     from .training.distill import self_distill
 
-    conversations = load_sharegpt()
-    _, chosen = split_train_validation(conversations, args.num_conversations / len(conversations), args.seed)
+    chosen = seeded_sample(load_sharegpt(), args.num_conversations, args.seed, args.skip)
     report = self_distill(
         args.base or assets.default_base_model_path(),
         None,
@@ -123,14 +122,17 @@ def run_distill(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from .training.data import render
+    from .training.data import load_sharegpt, render, seeded_sample
     from .training.distill import load_distilled
     from .training.features import TokenizedSequence, prepare_features, training_sequences, write_preparation
 
     base_path = args.base or assets.default_base_model_path()
     base = AutoModelForCausalLM.from_pretrained(base_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    conversations = load_distilled(args.data)[: args.limit]
+    if args.data is not None:
+        conversations = load_distilled(args.data)[: args.limit]
+    else:  # ShareGPT's own answers: the base reads them, the teacher targets are still its own distribution
+        conversations = seeded_sample(load_sharegpt(), args.sharegpt, args.seed, args.skip)[: args.limit]
     rendered = [render(tokenizer, conversation, max_length=args.max_length) for conversation in conversations]
     sequences = training_sequences([TokenizedSequence(r.input_ids, r.assistant_mask) for r in rendered])
     report = prepare_features(
@@ -143,7 +145,11 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def prepare_command(args: argparse.Namespace) -> str:
     """The `hf-hydra prepare` command line equivalent to `args`, every option spelled out."""
-    words = ["hf-hydra", "prepare", "--data", args.data, "--out", args.out, "--max-length", str(args.max_length),
+    if args.data is not None:
+        source = ["--data", args.data]
+    else:
+        source = ["--sharegpt", str(args.sharegpt), "--seed", str(args.seed), "--skip", str(args.skip)]
+    words = ["hf-hydra", "prepare", *source, "--out", args.out, "--max-length", str(args.max_length),
              "--teacher-topk", str(args.teacher_topk)]
     if args.limit is not None:
         words += ["--limit", str(args.limit)]
@@ -303,7 +309,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainingArguments):
         flag = "--" + field.name.replace("_", "-")
         required = field.default is dataclasses.MISSING and field.name != "base_model"
-        if isinstance(field.default, bool) or field.name == "cpu":
+        if isinstance(field.default, tuple):  # repeatable: --extra-features-dir A --extra-features-dir B
+            parser.add_argument(flag.removesuffix("s"), dest=field.name, action="append", default=None)
+        elif isinstance(field.default, bool) or field.name == "cpu":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif isinstance(field.default, int | float):
             parser.add_argument(flag, type=type(field.default), default=None, help=f"default {field.default}")
@@ -331,11 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--max-new-tokens", type=int, default=256)
     distill.add_argument("--batch-size", type=int, default=16)
     distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--skip", type=int, default=0, help="start after this many of the seeded order (more data)")
     distill.add_argument("--base", help="base model folder or Hub id (default: SmolLM2-135M-Instruct)")
     distill.set_defaults(func=run_distill)
 
     prepare = commands.add_parser("prepare", help="cache the base model's hidden states and teacher top-k")
-    prepare.add_argument("--data", required=True, help="JSONL conversations written by `hf-hydra distill`")
+    source = prepare.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="JSONL conversations written by `hf-hydra distill`")
+    source.add_argument(
+        "--sharegpt", type=int, metavar="N", help="N ShareGPT conversations with their own answers (seeded sample)"
+    )
+    prepare.add_argument("--seed", type=int, default=0, help="with --sharegpt: the seeded order, as in distill")
+    prepare.add_argument("--skip", type=int, default=0, help="with --sharegpt: start after this many of the order")
     prepare.add_argument("--out", required=True, help="feature folder (a rerun resumes)")
     prepare.add_argument("--max-length", type=int, default=512)
     prepare.add_argument("--teacher-topk", type=int, default=32)

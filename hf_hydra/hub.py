@@ -90,7 +90,7 @@ TREE_TUNING_NAME = "tree_tuning.json"  # written by `hf-hydra tune-tree` beside 
 _ARCH_TAGS = {"medusa": "medusa", "hydra": "hydra", "hydra++": "hydra-plus-plus"}
 # Training arguments that say where files were or how the run was operated, not how the heads were trained.
 _UNSHOWN_TRAINING_ARGS = {"features_dir", "output_dir", "base_model", "eval_every", "save_every",
-                          "keep_checkpoints", "resume", "cpu"}
+                          "keep_checkpoints", "resume", "cpu", "extra_features_dirs"}
 
 
 # ==================================================================================================
@@ -306,10 +306,11 @@ def _training_section(config: dict, folder: Path) -> str:
         top1 = (summary.get("validation") or {}).get("top1")
         if top1:
             lines += ["", "Validation top-1 accuracy per head: " + ", ".join(f"{x:.3f}" for x in top1) + "."]
-    preparation = (_read_json(folder / PREPARATION_FILE) or {}).get("command")
+    recorded = _read_json(folder / PREPARATION_FILE) or {}
+    preparation, extra = recorded.get("command"), [c for c in recorded.get("extra_commands", []) if c]
     lines += ["", "To reproduce:", "", "```bash"]
-    lines += [preparation] if preparation else ["# features: `hf-hydra prepare ... --out features/`"]
-    lines += [_train_command(args, _prepared_folder(preparation))]
+    lines += [preparation, *extra] if preparation else ["# features: `hf-hydra prepare ... --out features/`"]
+    lines += [_train_command(args, _prepared_folder(preparation), [_prepared_folder(c) for c in extra])]
     tuning = (_read_json(folder / TREE_TUNING_NAME) or {}).get("command")
     lines += [tuning, "```"] if tuning else ["```"]
     return "\n".join(lines)
@@ -320,9 +321,11 @@ def _prepared_folder(preparation: str | None) -> str:
     return words[words.index("--out") + 1] if "--out" in words[:-1] else "features/"
 
 
-def _train_command(args: dict, features_dir: str) -> str:
+def _train_command(args: dict, features_dir: str, extra_features_dirs: list[str]) -> str:
     """`hf-hydra train` with the recorded arguments (local paths replaced, operational options left out)."""
     words = ["hf-hydra", "train", "--features-dir", features_dir, "--output-dir", "heads/"]
+    for extra in extra_features_dirs:
+        words += ["--extra-features-dir", extra]
     if _hub_model_id(args.get("base_model")):
         words += ["--base-model", args["base_model"]]
     for name, value in args.items():

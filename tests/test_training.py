@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +26,13 @@ from transformers import AutoModelForCausalLM
 from hf_hydra import HydraForCausalLM
 from hf_hydra.configuration_hydra import DRAFT_VOCAB_PROJECTIONS
 from hf_hydra.training import trainer
-from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features, training_sequences
+from hf_hydra.training.features import (
+    FeatureStore,
+    TokenizedSequence,
+    prepare_features,
+    training_sequences,
+    write_preparation,
+)
 from hf_hydra.training.losses import (
     combine_head_losses,
     draft_vocab_index,
@@ -407,6 +414,54 @@ def test_answers_cut_off_by_truncation_are_dropped_and_never_trained_on(base_dir
     prepare_features(base, [prompt_only] * 4, features, base_model_id=str(base_dir), teacher_topk=TEACHER_TOPK)
     with pytest.raises(ValueError, match="no target"):
         train(tiny_args(base_dir, features, tmp_path / "out", max_steps=1))
+
+
+def _random_features(base_dir: Path, out: Path, count: int, seed: int, teacher_topk: int = TEACHER_TOPK) -> Path:
+    rng = np.random.default_rng(seed)
+    sequences = []
+    for _ in range(count):
+        length = int(rng.integers(10, 20))
+        ids = rng.integers(0, TINY_VOCAB, size=length).tolist()
+        sequences.append(TokenizedSequence(ids, [0, 0] + [1] * (length - 2)))
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    prepare_features(base, sequences, out, base_model_id=str(base_dir), teacher_topk=teacher_topk)
+    return out
+
+
+def test_extra_feature_folders_are_training_data_only(base_dir, features_dir, tmp_path):
+    """One epoch over features_dir's training split plus every sequence of the extra folder; validation,
+    its rows and the draft vocabulary from features_dir alone; the card shows both prepare commands."""
+    primary = tmp_path / "primary"
+    shutil.copytree(features_dir, primary)
+    write_preparation(primary, "hf-hydra prepare --data distilled.jsonl --out features/distilled")
+    extra = _random_features(base_dir, tmp_path / "extra", count=8, seed=1)
+    write_preparation(extra, "hf-hydra prepare --sharegpt 8 --out features/sharegpt")
+    one_epoch = {"epochs": 1.0, "max_steps": 0}  # 12 + 8 training sequences: 10 micro-batches, 5 steps
+    alone = train(tiny_args(base_dir, primary, tmp_path / "alone", **one_epoch))
+    both = train(tiny_args(base_dir, primary, tmp_path / "both", extra_features_dirs=(str(extra),), **one_epoch))
+
+    store, extra_store = FeatureStore(primary), FeatureStore(extra)
+    train_indices, val_indices = split_sequences(len(store), 0.25, 0)
+    tokens = sum(len(store.sequence(i).input_ids) for i in train_indices)
+    extra_tokens = sum(len(extra_store.sequence(i).input_ids) for i in range(len(extra_store)))
+    assert (alone.train_sequences, alone.tokens) == (12, tokens)
+    assert (both.train_sequences, both.tokens) == (12 + 8, tokens + extra_tokens)
+    assert both.validation_sequences == alone.validation_sequences == len(val_indices)
+    assert both.validation["rows"] == alone.validation["rows"]
+    assert both.draft_vocab_coverage == alone.draft_vocab_coverage
+    recorded = json.loads((tmp_path / "both" / "preparation.json").read_text())
+    assert recorded["extra_commands"] == ["hf-hydra prepare --sharegpt 8 --out features/sharegpt"]
+    card = (tmp_path / "both" / "README.md").read_text()
+    assert "hf-hydra prepare --sharegpt 8 --out features/sharegpt" in card
+    assert "--features-dir features/distilled --output-dir heads/ --extra-features-dir features/sharegpt" in card
+    saved = json.loads((tmp_path / "both" / "training_args.json").read_text())
+    assert TrainingArguments(**saved).extra_features_dirs == (str(extra),)
+
+
+def test_extra_feature_folder_of_another_teacher_is_refused(base_dir, features_dir, tmp_path):
+    extra = _random_features(base_dir, tmp_path / "extra", count=4, seed=2, teacher_topk=TEACHER_TOPK // 2)
+    with pytest.raises(ValueError, match="teacher top-k.*prepare both with the same base"):
+        train(tiny_args(base_dir, features_dir, tmp_path / "out", extra_features_dirs=(str(extra),)))
 
 
 def test_ablation_table_joins_training_logs_and_benchmark(base_dir, features_dir, tmp_path):

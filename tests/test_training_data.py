@@ -20,6 +20,7 @@ from hf_hydra.training.data import (
     iter_json_array,
     load_sharegpt,
     render,
+    seeded_sample,
     split_train_validation,
 )
 from hf_hydra.training.distill import left_pad, load_distilled, prompt_ids, self_distill
@@ -188,6 +189,29 @@ def test_split_is_seeded_deterministic_and_disjoint() -> None:
     assert split_train_validation(items, 0.1, seed=4)[1] != validation
     with pytest.raises(ValueError):
         split_train_validation(items, 1.0, seed=0)
+
+
+def test_seeded_sample_continues_the_distilled_sample_without_overlap() -> None:
+    items = [f"item{k}" for k in range(101)]
+    first = seeded_sample(items, 20, seed=3)
+    assert first == split_train_validation(items, 20 / len(items), seed=3)[1]  # what `distill` answers
+    more = seeded_sample(items, 30, seed=3, skip=20)
+    assert len(more) == 30 and set(more).isdisjoint(first) and more == sorted(more, key=items.index)
+    assert set(first) | set(more) == set(seeded_sample(items, 50, seed=3))
+    with pytest.raises(ValueError, match="only 101 items"):
+        seeded_sample(items, 90, seed=3, skip=20)
+
+
+def test_prepare_command_spells_out_a_sharegpt_source() -> None:
+    from hf_hydra.cli import build_parser, prepare_command
+
+    args = build_parser().parse_args(["prepare", "--sharegpt", "1200", "--skip", "2000", "--out", "features/raw"])
+    assert args.data is None and (args.sharegpt, args.seed, args.skip) == (1200, 0, 2000)
+    assert prepare_command(args) == (
+        "hf-hydra prepare --sharegpt 1200 --seed 0 --skip 2000 --out features/raw --max-length 512 --teacher-topk 32"
+    )
+    with pytest.raises(SystemExit):  # one source only
+        build_parser().parse_args(["prepare", "--sharegpt", "5", "--data", "d.jsonl", "--out", "f"])
 
 
 # --------------------------------------------------------------------------- self-distillation

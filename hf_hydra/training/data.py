@@ -306,3 +306,19 @@ def split_train_validation(
     validation = set(order[:num_validation])
     train = [item for k, item in enumerate(items) if k not in validation]
     return train, [item for k, item in enumerate(items) if k in validation]
+
+
+def seeded_sample(items: Sequence[T], count: int, seed: int = 0, skip: int = 0) -> list[T]:
+    """`count` items after the first `skip` of a seeded random order of `items`, in the items' order.
+
+    Samples with the same seed and disjoint [skip, skip + count) ranges are disjoint; `skip=0` picks the
+    same items as the validation part of `split_train_validation(items, count / len(items), seed)`.
+    """
+    if count < 0 or skip < 0:
+        raise ValueError(f"count and skip must be >= 0, got count={count}, skip={skip}")
+    if skip + count > len(items):
+        raise ValueError(f"asked for items {skip}..{skip + count} of a seeded order of only {len(items)} items")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    chosen = sorted(order[skip : skip + count])
+    return [items[k] for k in chosen]

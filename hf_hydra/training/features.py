@@ -140,9 +140,46 @@ class FeatureStore:
 _ARRAY_NAMES = ("input_ids", "loss_mask", "hidden", "teacher_ids", "teacher_logprobs")
 
 
+class FeatureCollection:
+    """Feature folders of one base model read as one list of sequences: the first folder's, then the next's."""
+
+    def __init__(self, stores: Sequence[FeatureStore]) -> None:
+        if not stores:
+            raise ValueError("FeatureCollection needs at least one feature folder.")
+        first = stores[0]
+        for store in stores[1:]:
+            ours, theirs = _compatibility(first.meta), _compatibility(store.meta)
+            if ours != theirs:
+                raise ValueError(
+                    f"The features in {store.folder} (base, hidden size, vocabulary, teacher top-k: {theirs}) do not "
+                    f"match those in {first.folder} ({ours}): prepare both with the same base and --teacher-topk."
+                )
+        self.stores = list(stores)
+        self.starts = np.cumsum([0] + [len(store) for store in stores])  # (len(stores) + 1,)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def sequence(self, index: int) -> SequenceFeatures:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} of a collection of {len(self)}")
+        position = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.stores[position].sequence(index - int(self.starts[position]))
+
+
+def _compatibility(meta: FeatureMeta) -> tuple:
+    return meta.base_model, meta.hidden_size, meta.vocab_size, meta.teacher_topk
+
+
 def write_preparation(folder: str | Path, command: str) -> None:
     """Record the command that made the feature folder (training copies it beside the heads)."""
     (Path(folder) / PREPARATION_FILE).write_text(json.dumps({"command": command}, indent=2))
+
+
+def read_preparation(folder: str | Path) -> str | None:
+    """The command recorded by `write_preparation` (None: not made by the CLI)."""
+    path = Path(folder) / PREPARATION_FILE
+    return json.loads(path.read_text()).get("command") if path.is_file() else None
 
 
 def _read_progress(folder: Path) -> int:

@@ -49,7 +49,7 @@ from .. import assets
 from ..configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HEAD_ARCHS, VOCAB_PROJECTIONS
 from ..heads import DraftHeads
 from ..modeling_hydra import HydraForCausalLM
-from .features import PREPARATION_FILE, FeatureStore, SequenceFeatures
+from .features import PREPARATION_FILE, FeatureCollection, FeatureStore, SequenceFeatures, read_preparation
 from .losses import (
     HeadLosses,
     HeadTargets,
@@ -77,7 +77,7 @@ class TrainingArguments:
     """Everything one training run needs. Defaults: a cheap step (draft vocabulary of 8,192 words, teacher
     from the cache) and the Hydra++ recipe where it fits this hardware (method.md section 2)."""
 
-    features_dir: str  # a folder written by `prepare_features`
+    features_dir: str  # a folder written by `prepare_features`; validation and the draft vocabulary come from it
     output_dir: str  # heads, metrics, plot, summary and checkpoints go here
     base_model: str  # path or id of the frozen base the features were computed with
     head_arch: str = "hydra"  # "medusa" | "hydra" | "hydra++"
@@ -110,8 +110,11 @@ class TrainingArguments:
     save_dtype: str = "float32"  # dtype of the saved heads: "float32" | "float16" | "bfloat16"
     tree: str | None = None  # default draft tree saved with the heads; None: the package default, or a chain
     cpu: bool | None = None  # None: use the CPU when no CUDA device is present (multi-process gloo on CPU)
+    # more feature folders (same base), all of them training data: e.g. the base reading ShareGPT's own answers
+    extra_features_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "extra_features_dirs", tuple(self.extra_features_dirs))  # a JSON list reads back
         _check_choice("head_arch", self.head_arch, HEAD_ARCHS)
         _check_choice("vocab_projection", self.vocab_projection, VOCAB_PROJECTIONS)
         _check_choice("save_dtype", self.save_dtype, tuple(SAVE_DTYPES))
@@ -544,7 +547,8 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: Progress
-    store: FeatureStore
+    store: FeatureStore  # features_dir: validation, draft vocabulary
+    train_data: FeatureCollection  # features_dir's training split, then every extra folder
     embed: nn.Module
     train_indices: list[int]
     val_indices: list[int]
@@ -561,7 +565,9 @@ def _setup(args: TrainingArguments) -> _Run:
             f"The features in {args.features_dir} hold no target (assistant) tokens: every answer was cut off by "
             "prepare's --max-length. Prepare again with a larger --max-length."
         )
+    train_data = FeatureCollection([store, *(FeatureStore(folder) for folder in args.extra_features_dirs)])
     train_indices, val_indices = split_sequences(len(store), args.validation_fraction, args.seed)
+    train_indices += list(range(len(store), len(train_data)))
     set_seed(args.seed)  # identical head initialisation on every process
     base = load_base(args.base_model)
     model = build_model(args, base, store)
@@ -583,6 +589,7 @@ def _setup(args: TrainingArguments) -> _Run:
         scheduler=scheduler,
         progress=progress,
         store=store,
+        train_data=train_data,
         embed=embed,
         train_indices=train_indices,
         val_indices=val_indices,
@@ -611,8 +618,8 @@ def _maybe_resume(run: _Run) -> int | None:
 def _write_args(run: _Run) -> None:
     path = run.output_dir / ARGS_FILE
     if path.is_file() and run.args.resume:
-        before = json.loads(path.read_text())
-        changed = {k: (before.get(k), v) for k, v in asdict(run.args).items() if before.get(k) != v and k != "resume"}
+        before, now = json.loads(path.read_text()), json.loads(json.dumps(asdict(run.args)))
+        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v and k != "resume"}
         if changed:
             logger.warning("Resuming with changed arguments (before, now): %s", changed)
     path.write_text(json.dumps(asdict(run.args), indent=2))
@@ -625,7 +632,7 @@ def _train_step(run: _Run, micro_batches: Iterator[tuple[int, list[int]]]) -> di
     tokens, epoch = 0, 0
     for _ in range(args.gradient_accumulation_steps):
         epoch, indices = next(micro_batches)
-        batch = collate([run.store.sequence(i) for i in indices]).to(acc.device)
+        batch = collate([run.train_data.sequence(i) for i in indices]).to(acc.device)
         with acc.accumulate(run.objective):
             with torch.no_grad():
                 token_embeds = run.embed(batch.input_ids)  # (B, T, d)
@@ -744,9 +751,11 @@ def _finish(run: _Run, report: TrainingReport) -> None:
     """Main process: heads in `save_dtype`, summary JSON, plot."""
     summary = {**asdict(report), "args": asdict(run.args)}
     (run.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    preparation = Path(run.args.features_dir) / PREPARATION_FILE
-    if preparation.is_file():  # how the features were made: the model card's reproduce section shows it
-        shutil.copyfile(preparation, run.output_dir / PREPARATION_FILE)
+    command = read_preparation(run.args.features_dir)
+    if command is not None:  # how the features were made: the model card's reproduce section shows it
+        extra = [read_preparation(folder) for folder in run.args.extra_features_dirs]
+        record = {"command": command, **({"extra_commands": extra} if extra else {})}
+        (run.output_dir / PREPARATION_FILE).write_text(json.dumps(record, indent=2))
     save_heads(run.model, run.output_dir, SAVE_DTYPES[run.args.save_dtype])  # also writes the model card
     with contextlib.suppress(ValueError, KeyError):  # an empty or foreign metrics file: no plot, no failure
         plot_metrics(run.output_dir / METRICS_FILE, run.output_dir / PLOT_FILE)
