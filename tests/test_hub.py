@@ -353,13 +353,14 @@ def test_reproduce_command_in_the_card_gives_the_same_training_arguments() -> No
     args = TrainingArguments(
         features_dir="/secret/features", output_dir="/secret/heads", base_model="org/base", head_arch="hydra++",
         vocab_projection="shared_draft_vocab", lr=5e-4, epochs=2.5, dropout=0.2, noise_alpha=5.0, save_every=7,
-        save_dtype="bfloat16", tree="chain-3",
+        save_dtype="bfloat16", tree="chain-3", extra_features_dirs=("/secret/raw", "/secret/more"),
     )
-    command = hub._train_command(dataclasses.asdict(args), "features/")
+    command = hub._train_command(dataclasses.asdict(args), "features/", ["features/raw", "features/more"])
     parsed = cli.build_parser().parse_args(shlex.split(command)[1:])
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     again = TrainingArguments(**{k: v for k, v in vars(parsed).items() if k in names and v is not None})
-    shown = {"features_dir": "features/", "output_dir": "heads/", "save_every": TrainingArguments.save_every}
+    shown = {"features_dir": "features/", "output_dir": "heads/", "save_every": TrainingArguments.save_every,
+             "extra_features_dirs": ("features/raw", "features/more")}
     assert again == dataclasses.replace(args, **shown)
 
 
