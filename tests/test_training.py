@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from conftest import TINY_VOCAB, make_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -456,6 +457,35 @@ def test_extra_feature_folders_are_training_data_only(base_dir, features_dir, tm
     assert "--features-dir features/distilled --output-dir heads/ --extra-features-dir features/sharegpt" in card
     saved = json.loads((tmp_path / "both" / "training_args.json").read_text())
     assert TrainingArguments(**saved).extra_features_dirs == (str(extra),)
+
+
+def test_bf16_mixed_precision_autocasts_training_steps_only(base_dir, features_dir, tmp_path, monkeypatch):
+    """--mixed-precision bf16: the heads' layers compute in bfloat16 in training steps and in float32 in
+    validation; weights stay float32; the run's losses stay close to a float32 run's."""
+    seen = []
+    build_model = trainer.build_model
+
+    def build_model_with_probe(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        for module in model.heads.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, _, out: seen.append((m.training, out.dtype, m.weight.dtype)))
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_model_with_probe)
+    common = {"head_arch": "hydra++", "max_steps": 2, "eval_every": 1}
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
+    try:
+        mixed = train(tiny_args(base_dir, features_dir, tmp_path / "bf16", mixed_precision="bf16", **common))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert {dtype for training, dtype, _ in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype, _ in seen if not training} == {torch.float32}
+    assert {weight for _, _, weight in seen} == {torch.float32}
+    full = train(tiny_args(base_dir, features_dir, tmp_path / "fp32", **common))
+    assert mixed.final_train_loss == pytest.approx(full.final_train_loss, rel=0.02)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        tiny_args(base_dir, features_dir, tmp_path, mixed_precision="bf17")
 
 
 def test_extra_feature_folder_of_another_teacher_is_refused(base_dir, features_dir, tmp_path):
