@@ -365,10 +365,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_accelerate_launch(base_dir, features_dir, tmp_path):
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_two_process_accelerate_launch(mixed_precision, base_dir, features_dir, tmp_path):
     """The documented command, `accelerate launch --multi_gpu --num_processes 2 -m hf_hydra.cli train ...`, on a
-    CPU-only machine: 2 gloo processes."""
-    args = tiny_args(base_dir, features_dir, tmp_path / "ddp", max_steps=3, save_every=2)
+    CPU-only machine: 2 gloo processes (also under bf16 autocast)."""
+    args = tiny_args(
+        base_dir, features_dir, tmp_path / "ddp", max_steps=3, save_every=2, mixed_precision=mixed_precision
+    )
     command = [
         sys.executable,
         "-m",
