@@ -126,6 +126,9 @@ def run_prepare(args: argparse.Namespace) -> int:
     from .training.distill import load_distilled
     from .training.features import TokenizedSequence, prepare_features, training_sequences, write_preparation
 
+    if args.data is not None and (args.seed or args.skip):
+        raise SystemExit("prepare: --seed and --skip choose ShareGPT conversations; use them with --sharegpt, "
+                         "not with --data (a distilled file is prepared whole, or its first --limit).")
     base_path = args.base or assets.default_base_model_path()
     base = AutoModelForCausalLM.from_pretrained(base_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_path)

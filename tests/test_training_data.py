@@ -212,6 +212,9 @@ def test_prepare_command_spells_out_a_sharegpt_source() -> None:
     )
     with pytest.raises(SystemExit):  # one source only
         build_parser().parse_args(["prepare", "--sharegpt", "5", "--data", "d.jsonl", "--out", "f"])
+    distilled = build_parser().parse_args(["prepare", "--data", "d.jsonl", "--skip", "10", "--out", "f"])
+    with pytest.raises(SystemExit, match="use them with --sharegpt"):  # before any model is loaded
+        distilled.func(distilled)
 
 
 # --------------------------------------------------------------------------- self-distillation
