@@ -300,10 +300,8 @@ def split_train_validation(
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
     num_validation = round(len(items) * validation_fraction)
-    validation = set(order[:num_validation])
+    validation = set(_seeded_order(len(items), seed)[:num_validation])
     train = [item for k, item in enumerate(items) if k not in validation]
     return train, [item for k, item in enumerate(items) if k in validation]
 
@@ -318,7 +316,12 @@ def seeded_sample(items: Sequence[T], count: int, seed: int = 0, skip: int = 0) 
         raise ValueError(f"count and skip must be >= 0, got count={count}, skip={skip}")
     if skip + count > len(items):
         raise ValueError(f"asked for items {skip}..{skip + count} of a seeded order of only {len(items)} items")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    chosen = sorted(order[skip : skip + count])
+    chosen = sorted(_seeded_order(len(items), seed)[skip : skip + count])
     return [items[k] for k in chosen]
+
+
+def _seeded_order(count: int, seed: int) -> list[int]:
+    """0 .. count - 1 in a seeded random order (the one order every split and sample of `items` cuts from)."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order
