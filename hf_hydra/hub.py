@@ -310,7 +310,8 @@ def _training_section(config: dict, folder: Path) -> str:
     preparation, extra = recorded.get("command"), [c for c in recorded.get("extra_commands", []) if c]
     lines += ["", "To reproduce:", "", "```bash"]
     lines += [preparation, *extra] if preparation else ["# features: `hf-hydra prepare ... --out features/`"]
-    lines += [_train_command(args, _prepared_folder(preparation), [_prepared_folder(c) for c in extra])]
+    num_processes = (summary or {}).get("num_processes") or 1
+    lines += [_train_command(args, _prepared_folder(preparation), [_prepared_folder(c) for c in extra], num_processes)]
     tuning = (_read_json(folder / TREE_TUNING_NAME) or {}).get("command")
     lines += [tuning, "```"] if tuning else ["```"]
     return "\n".join(lines)
@@ -321,9 +322,12 @@ def _prepared_folder(preparation: str | None) -> str:
     return words[words.index("--out") + 1] if "--out" in words[:-1] else "features/"
 
 
-def _train_command(args: dict, features_dir: str, extra_features_dirs: list[str]) -> str:
-    """`hf-hydra train` with the recorded arguments (local paths replaced, operational options left out)."""
-    words = ["hf-hydra", "train", "--features-dir", features_dir, "--output-dir", "heads/"]
+def _train_command(args: dict, features_dir: str, extra_features_dirs: list[str], num_processes: int = 1) -> str:
+    """`hf-hydra train` with the recorded arguments (local paths replaced, operational options left out), under
+    `accelerate launch` when the run had several processes: the batch size is per process."""
+    launcher = ["hf-hydra"] if num_processes == 1 else [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", str(num_processes), "-m", "hf_hydra.cli"]
+    words = [*launcher, "train", "--features-dir", features_dir, "--output-dir", "heads/"]
     for extra in extra_features_dirs:
         words += ["--extra-features-dir", extra]
     if _hub_model_id(args.get("base_model")):

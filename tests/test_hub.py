@@ -364,6 +364,19 @@ def test_reproduce_command_in_the_card_gives_the_same_training_arguments() -> No
     assert again == dataclasses.replace(args, **shown)
 
 
+def test_reproduce_command_of_a_two_process_run_launches_two_processes() -> None:
+    from hf_hydra.training.trainer import TrainingArguments
+
+    args = TrainingArguments(
+        features_dir="/secret/features", output_dir="/secret/heads", base_model="org/base", batch_size=8
+    )
+    command = shlex.split(hub._train_command(dataclasses.asdict(args), "features/", [], num_processes=2))
+    # batch_size is per process: on one process the same arguments would halve the batch.
+    assert command[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "hf_hydra.cli"]
+    parsed = cli.build_parser().parse_args(command[7:])
+    assert parsed.command == "train" and parsed.batch_size == 8 and parsed.features_dir == "features/"
+
+
 def test_benchmark_json_of_another_kind_is_a_value_error(tmp_path: Path) -> None:
     make_base_folder(tmp_path / "base")
     model = HydraForCausalLM.from_base(_local_base(tmp_path), head_arch="hydra", num_heads=2)
