@@ -302,7 +302,7 @@ def _training_section(config: dict, folder: Path) -> str:
     if summary is not None:
         lines += ["", f"{summary.get('steps')} optimizer steps over {summary.get('tokens'):,} tokens "
                   f"({summary.get('num_processes')} process(es)), {summary.get('train_seconds', 0) / 60:.0f} min "
-                  f"of training at {summary.get('tokens_per_second', 0):.0f} tokens/s."]
+                  f"of training at {summary.get('tokens_per_second', 0):,.0f} tokens/s."]
         top1 = (summary.get("validation") or {}).get("top1")
         if top1:
             lines += ["", "Validation top-1 accuracy per head: " + ", ".join(f"{x:.3f}" for x in top1) + "."]
