@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import __version__
 from .decoding import STEP_PHASES, SpeculationStats
 from .modeling_hydra import HydraForCausalLM
+from .prepack import dtype_name
 from .tree import TreeSpec, resolve_tree
 
 SCHEMA_VERSION = 1
@@ -293,6 +294,7 @@ def run_bench(
             "seed": seed if temperature is not None else None,
             "trees": trees,
             "prepacked": prepacked_base is not None,
+            "heads_prepacked": {label: dtype_name(model.heads.prepacked_dtype) for label, model in heads.items()},
         },
         "results": [asdict(r) for r in results],
         "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(trees, methods, temperature))],
@@ -315,7 +317,7 @@ def shard(questions: Sequence[dict], index: int, count: int) -> list[dict]:
 def merge_reports(reports: Sequence[dict]) -> dict:
     """One report from the shards of one benchmark (same settings and machine, disjoint questions)."""
     first = reports[0]
-    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees", "prepacked")
+    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees", "prepacked", "heads_prepacked")
     for other in reports[1:]:
         differing = [k for k in same if other["settings"].get(k) != first["settings"].get(k)]
         if differing or other["machine"] != first["machine"]:
@@ -479,9 +481,11 @@ def markdown_table(report: dict) -> str:
 def _prepacked_text(settings: dict) -> str:
     if not settings.get("prepacked"):
         return ""
+    dtypes = sorted({dtype for dtype in (settings.get("heads_prepacked") or {}).values() if dtype})
+    heads = f", the heads' computing in {' / '.join(dtypes)}" if dtypes else ""
     return (
         f" Every method but `{AUTOREGRESSIVE}` (plain `generate`, stock kernels: the reference) runs on the base "
-        "with oneDNN-prepacked linear layers (`--prepack`)."
+        f"with oneDNN-prepacked linear layers (`--prepack`){heads}."
     )
 
 

@@ -11,11 +11,14 @@ E the base's frozen input embedding. Head i (0-based) predicts the token i + 2 p
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
+from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, prepack_linear_layers
 from .tree import causal_mask
 
 
@@ -132,6 +135,7 @@ class DraftHeads(nn.Module):
             self.register_buffer("base_output_weight", base_output, persistent=False)  # (V, d), a view
             self.register_buffer("shared_output_weight", output_init, persistent=False)  # (V or K, d)
             self.register_load_state_dict_post_hook(_refresh_shared_draft_rows)
+        self.packed_shared_output: PrepackedLinear | None = None  # set by `prepack`
         self.heads = nn.ModuleList(
             DraftHead(
                 blocks=self._blocks(i, d),
@@ -159,6 +163,26 @@ class DraftHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
+    @property
+    def prepacked_dtype(self) -> torch.dtype | None:
+        """The compute dtype of the prepacked layers (`prepack`); None while the heads are stock."""
+        packed = [module.compute_dtype for module in self.modules() if isinstance(module, PrepackedLinear)]
+        return packed[0] if packed else None
+
+    def prepack(
+        self, compute_dtype: torch.dtype, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT
+    ) -> PrepackReport:
+        """CPU inference: every linear layer and the shared vocabulary projection prepacked for oneDNN (in
+        place, see `hf_hydra.prepack`), computing in `compute_dtype`; the heads cannot train or save after."""
+        report = prepack_linear_layers(self, batch_size_hint, compute_dtype)
+        if self.config.vocab_projection in SHARED_PROJECTIONS:
+            weight = self.shared_output_weight  # (V or K, d)
+            self.packed_shared_output = PrepackedLinear(weight, None, batch_size_hint, compute_dtype)
+            report = dataclasses.replace(
+                report, layers=report.layers + 1, parameters=report.parameters + weight.numel()
+            )
+        return report
+
     def encode_context(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
     ) -> torch.Tensor:
@@ -179,9 +203,11 @@ class DraftHeads(nn.Module):
         """
         head = self.heads[head_index]
         features = head.features(self._head_input(head_index, context, path_embeds))  # (..., d)
-        if head.output is None:
-            return features @ self.shared_output_weight.T
-        return head.output(features)
+        if head.output is not None:
+            return head.output(features)
+        if self.packed_shared_output is not None:
+            return self.packed_shared_output(features)
+        return features @ self.shared_output_weight.T
 
     def _head_input(
         self, head_index: int, context: torch.Tensor, path_embeds: torch.Tensor | None

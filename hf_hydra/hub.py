@@ -244,7 +244,7 @@ def _heads_table(config: dict, generation: dict, weights: Path) -> str:
     tuning = _read_json(weights.parent / TREE_TUNING_NAME)
     if tuning:
         choice, one_token = tuning["choice"], tuning["verify_seconds"][0]
-        kernels = ", both on the base prepacked for CPU (`model.prepack_base()`)" if tuning.get("prepacked") else ""
+        kernels = _tuning_kernels_text(tuning)
         rows.append((
             "tree tuning (predicted)",
             f"`hf-hydra tune-tree` chose it: expected tau {choice['expected_tau']:.2f}, expected speed-up "
@@ -272,6 +272,15 @@ def _projection_text(config: dict) -> str:
     if projection == "shared":
         return "the base model's own lm_head (shared, frozen)"
     return "own projection onto the whole vocabulary"
+
+
+def _tuning_kernels_text(tuning: dict) -> str:
+    if not tuning.get("prepacked"):
+        return ""
+    heads = tuning.get("heads_prepacked")
+    if heads:
+        return f", both on the base prepacked for CPU and the heads in {heads} (`--prepack`)"
+    return ", both on the base prepacked for CPU (`model.prepack_base()`)"
 
 
 def _count_parameters(weights: Path) -> int:

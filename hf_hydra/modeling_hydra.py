@@ -28,7 +28,7 @@ from .assisted import HydraCandidateGenerator, assisted_decoding
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .heads import DraftHeads, build_heads
-from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackReport, prepack_linear_layers
+from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackReport, bfloat16_supported, prepack_linear_layers
 from .tree import TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
 
 HEADS_WEIGHTS_NAME = "model.safetensors"
@@ -163,6 +163,11 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("hf_hydra saves safetensors only; drop safe_serialization=False.")
         push = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
         push_to_hub = kwargs.pop("push_to_hub", False)
+        if self.heads.prepacked_dtype is not None:
+            raise ValueError(
+                "These heads are prepacked for inference (prepack_heads) and no longer hold savable weights; "
+                "save them before prepacking, or reload them from their folder."
+            )
         heads_state = {f"heads.{k}": v.contiguous() for k, v in self.heads.state_dict().items()}
         super().save_pretrained(save_directory, state_dict=heads_state, **kwargs)
         hub.write_model_card(save_directory, benchmark=benchmark)
@@ -243,6 +248,10 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         streamer = kwargs.pop("streamer", None)
         _move_stop_strings_to_criteria(kwargs, self.base_lm.generation_config)
         if speculative == "assisted":
+            if tree is not None:
+                raise ValueError(
+                    "speculative='assisted' drafts a chain, not a tree: drop tree= or use speculative=True."
+                )
             _check_assisted_options(kwargs, self.generation_config)
             decode = functools.partial(assisted_decoding, streamer=streamer)
             cache = DynamicCache(config=self.base_lm.config)
@@ -262,6 +271,18 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         Speculative and plain `generate` both use them; outputs agree with the stock kernels' up to float
         rounding. The heads are untouched and save as before; the base cannot train or move device after."""
         return prepack_linear_layers(self.base_lm, batch_size_hint)
+
+    def prepack_heads(
+        self, compute_dtype: torch.dtype | None = None, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT
+    ) -> PrepackReport:
+        """CPU inference: replace the heads' float32 linear layers and vocabulary projection by oneDNN-prepacked
+        ones computing in `compute_dtype` (in place; see `hf_hydra.prepack`). The default is bfloat16 where
+        this CPU has oneDNN bfloat16 kernels (float32 elsewhere): half the memory a drafting step reads. The
+        drafts may differ in rare near-ties; greedy output does not, the base verifies every token. The heads
+        cannot train, save or move device after; save them before, or reload."""
+        if compute_dtype is None:
+            compute_dtype = torch.bfloat16 if bfloat16_supported() else torch.float32
+        return self.heads.prepack(compute_dtype, batch_size_hint)
 
     def _get_candidate_generator(self, *args, **kwargs) -> HydraCandidateGenerator:
         """Private transformers hook used by its assisted loop: our heads are the drafter."""

@@ -1,7 +1,8 @@
 """Tests for hf_hydra.prepack: oneDNN-prepacked linear layers for CPU inference.
 
-A prepacked base must compute what the stock one computes (up to float rounding), and speculative decoding
-on it must still give plain greedy's tokens exactly, on every tiny architecture and head arch.
+A prepacked base must compute what the stock one computes (up to float rounding), prepacked heads what the
+stock heads compute (up to bfloat16 rounding), and speculative decoding on them must still give plain
+greedy's tokens exactly, on every tiny architecture and head arch.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hf_hydra import HydraForCausalLM
-from hf_hydra.prepack import PrepackedLinear, PrepackReport, prepack_linear_layers
+from hf_hydra.prepack import PrepackedLinear, PrepackReport, bfloat16_supported, prepack_linear_layers
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma")  # qwen2's q/k/v projections have biases
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
 VOCAB = 16
+DRAFT_IDS = torch.tensor([3, 1, 4, 15, 9, 2, 6, 5])
+
+needs_bfloat16 = pytest.mark.skipif(not bfloat16_supported(), reason="oneDNN has no bfloat16 kernels on this CPU")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,6 +34,15 @@ def _hydra(factory: Callable[..., PreTrainedModel], arch: str = "llama", head_ar
     base = factory(arch, seed=0, vocab_size=VOCAB, **overrides)
     torch.manual_seed(100)
     return HydraForCausalLM.from_base(base, head_arch=head_arch, num_heads=4).eval()
+
+
+def _trained_looking(model: HydraForCausalLM) -> HydraForCausalLM:
+    """Random non-zero head weights (fresh blocks start at zero), so prepacking changes real arithmetic."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.heads.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model
 
 
 def _prompts() -> list[torch.Tensor]:
@@ -45,9 +58,23 @@ def test_prepacked_linear_computes_the_linear(shape: tuple[int, ...], bias: bool
     x = torch.randn(shape)
     with torch.no_grad():
         expected = linear(x)
-        got = PrepackedLinear(linear)(x)
+        got = PrepackedLinear.from_linear(linear)(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("shape", [(3, 64), (1, 7, 64)])
+def test_bfloat16_prepacked_linear_computes_the_bfloat16_rounded_linear(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        rounded = [t.bfloat16().float() for t in (x, linear.weight, linear.bias)]
+        expected = nn.functional.linear(*rounded)  # float32 arithmetic on bfloat16-rounded operands
+        got = PrepackedLinear.from_linear(linear, compute_dtype=torch.bfloat16)(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)  # the output itself is rounded to bfloat16
 
 
 def test_report_counts_every_linear_and_replaces_them_all(tiny_model_factory) -> None:
@@ -94,6 +121,72 @@ def test_heads_save_the_same_after_prepacking(tiny_model_factory, tmp_path: Path
     assert before.read_bytes() == after.read_bytes()
 
 
+def _heads_logits(model: HydraForCausalLM) -> torch.Tensor:
+    """Every head's logits at a few random context vectors and paths: (H, 3, V or K)."""
+    generator = torch.Generator().manual_seed(3)
+    d = model.config.base_hidden_size
+    context = torch.randn(3, d, generator=generator)
+    with torch.no_grad():
+        paths = [torch.randn(3, i + 1, d, generator=generator) for i in range(model.config.num_heads)]
+        return torch.stack([model.heads(i, context, path) for i, path in enumerate(paths)])
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bfloat16)])
+@pytest.mark.parametrize("vocab_projection", ["per_head", "shared", "draft_vocab", "shared_draft_vocab"])
+@pytest.mark.parametrize("head_arch", HEAD_ARCHS)
+def test_prepacked_heads_compute_the_stock_logits(tiny_model_factory, head_arch, vocab_projection, compute_dtype):
+    base = tiny_model_factory("llama", seed=0, vocab_size=VOCAB)
+    draft = {"draft_token_ids": DRAFT_IDS} if "draft" in vocab_projection else {}
+    model = _trained_looking(
+        HydraForCausalLM.from_base(base, head_arch=head_arch, num_heads=3, vocab_projection=vocab_projection, **draft)
+    ).eval()
+    linears = [m for m in model.heads.modules() if type(m) is nn.Linear]
+    shared = model.heads.shared_output_weight.numel() if vocab_projection.startswith("shared") else 0
+    expected = _heads_logits(model)
+    report = model.prepack_heads(compute_dtype)
+    assert report == PrepackReport(
+        layers=len(linears) + (shared > 0),
+        parameters=sum(m.weight.numel() for m in linears) + shared,
+        compute_dtype=compute_dtype,
+    )
+    assert model.heads.prepacked_dtype == compute_dtype
+    assert not any(type(m) is nn.Linear for m in model.heads.modules())
+    tolerance = 1e-5 if compute_dtype == torch.float32 else 0.1  # bfloat16: 8-bit mantissas, |logits| ~ 1-10
+    torch.testing.assert_close(_heads_logits(model), expected, rtol=tolerance, atol=tolerance)
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("head_arch", HEAD_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_speculative_with_prepacked_base_and_bfloat16_heads_equals_stock_greedy(tiny_model_factory, arch, head_arch):
+    """The CPU fast path of `--prepack`: bfloat16 drafts, float32 verification, plain greedy's tokens."""
+    model = _trained_looking(_hydra(tiny_model_factory, arch, head_arch))
+    stock = copy.deepcopy(model.base_lm)
+    model.prepack_base()
+    model.prepack_heads(torch.bfloat16)
+    for prompt in _prompts():
+        expected = stock.generate(prompt, do_sample=False, max_new_tokens=24)
+        tree = model.generate(prompt, speculative=True, tree="cpu_small_11", do_sample=False, max_new_tokens=24)
+        chain = model.generate(prompt, speculative="assisted", do_sample=False, max_new_tokens=24)
+        assert torch.equal(tree, expected)
+        assert torch.equal(chain, expected)
+
+
+def test_prepacked_heads_refuse_to_save(tiny_model_factory, tmp_path: Path) -> None:
+    model = _hydra(tiny_model_factory, head_arch="hydra++")
+    model.prepack_heads(torch.float32)
+    with pytest.raises(ValueError, match="save them before prepacking"):
+        model.save_pretrained(tmp_path / "packed")
+    assert not (tmp_path / "packed" / "model.safetensors").exists()
+
+
+def test_prepacking_heads_in_float16_is_a_value_error(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        model.prepack_heads(torch.float16)
+    assert model.heads.prepacked_dtype is None  # nothing was replaced
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_other_dtypes_are_a_value_error(tiny_model_factory, dtype: torch.dtype) -> None:
     model = _hydra(tiny_model_factory).to(dtype)
@@ -114,7 +207,7 @@ def test_a_module_without_linears_is_a_value_error() -> None:
 
 
 def test_training_through_a_prepacked_layer_is_a_runtime_error() -> None:
-    layer = PrepackedLinear(nn.Linear(8, 4))
+    layer = PrepackedLinear.from_linear(nn.Linear(8, 4))
     with pytest.raises(RuntimeError, match="inference only"):
         layer(torch.randn(2, 8, requires_grad=True))
 

@@ -288,6 +288,7 @@ def test_sampling_option_errors(tiny_model_factory) -> None:
         ({"generator": 3}, TypeError, "generator"),
         ({"speculative": "assisted", "acceptance": "typical"}, ValueError, "assisted"),
         ({"speculative": "assisted", "generator": torch.Generator()}, ValueError, "manual_seed"),
+        ({"speculative": "assisted", "tree": "chain"}, ValueError, "drafts a chain, not a tree"),
     ]
     for kwargs, error, match in cases:
         kwargs = {"speculative": True} | kwargs
