@@ -149,7 +149,6 @@ def prepack_linear_layers(
 ) -> PrepackReport:
     """Replace every plain `nn.Linear` of `module` (in place) by a `PrepackedLinear` with the same weights."""
     linears = check_prepackable(module)
-    _check_compute_dtype(compute_dtype)
     for parent, name, linear in linears:
         setattr(parent, name, PrepackedLinear.from_linear(linear, batch_size_hint, compute_dtype))
     parameters = sum(linear.weight.numel() for _, _, linear in linears)
