@@ -30,6 +30,7 @@ from .acceptance import (
     sample_token,
     typical_accept,
 )
+from .cache_name import CACHE_NAME, cache_argument
 from .drafting import draft_tree
 from .heads import DraftHeads
 from .processors import check_processors_supported, next_token_scores, node_scores
@@ -117,7 +118,9 @@ def prefill(
     context_cache: DynamicCache | None,
 ) -> Prefill:
     """Run the base over the prompt (1, L); the cache then holds L entries."""
-    out = base(input_ids=input_ids, past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    out = base(
+        input_ids=input_ids, **cache_argument(cache), use_cache=True, output_hidden_states=True, logits_to_keep=1
+    )
     hidden = out.hidden_states[-1]  # (1, L, d)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, L)
     context = heads.encode_context(hidden, positions, context_cache)[0, -1]  # (d,)
@@ -200,9 +203,9 @@ def tree_speculative_generate(
     if acceptance is None:
         acceptance = getattr(generation_config, "hydra_acceptance", None)
     rule = acceptance_rule(bool(generation_config.do_sample), acceptance, posterior_threshold, posterior_alpha)
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get(CACHE_NAME)
     if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
-        raise ValueError("speculative=True starts from an empty DynamicCache; do not pass past_key_values.")
+        raise ValueError(f"speculative=True starts from an empty DynamicCache; do not pass {CACHE_NAME}.")
     tree = tree.to(input_ids.device)
     embed_tokens = model.get_input_embeddings()
     context_cache = heads.new_context_cache()
@@ -249,5 +252,5 @@ def tree_speculative_generate(
         phase_seconds=timer.seconds,
     )
     if generation_config.return_dict_in_generate:
-        return HydraGenerateOutput(sequences=sequence, past_key_values=None, speculation=stats)
+        return HydraGenerateOutput(sequences=sequence, speculation=stats)
     return sequence

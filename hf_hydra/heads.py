@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from .cache_name import cache_argument
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, prepack_linear_layers
 from .tree import causal_mask
@@ -91,7 +92,7 @@ class PrefixLayer(nn.Module):
             hidden,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **cache_argument(cache),
             use_cache=cache is not None,
             position_embeddings=position_embeddings,
         )

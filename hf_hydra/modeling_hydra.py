@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput, cached_file
 
 from . import assets, hub
 from .assisted import HydraCandidateGenerator, assisted_decoding
+from .cache_name import cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .heads import DraftHeads, build_heads
@@ -205,7 +206,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         head_logits = self._head_logits(input_ids, hidden) if return_head_logits else None
         return HydraOutput(
             logits=out.logits,
-            past_key_values=out.past_key_values,
+            **cache_argument(output_cache(out)),
             hidden_states=out.hidden_states,
             last_hidden_state=hidden,
             head_logits=head_logits,
@@ -256,7 +257,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             decode = functools.partial(assisted_decoding, streamer=streamer)
             cache = DynamicCache(config=self.base_lm.config)
             with _stop_strings_hidden(self.generation_config, kwargs):
-                return super().generate(inputs, custom_generate=decode, past_key_values=cache, **kwargs)
+                return super().generate(inputs, custom_generate=decode, **cache_argument(cache), **kwargs)
         if tree is None:
             tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
         decode = functools.partial(

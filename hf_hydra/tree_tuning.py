@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .cache_name import cache_argument, output_cache
 from .drafting import draft_tree
 from .modeling_hydra import HydraForCausalLM
 from .training.features import FeatureStore
@@ -82,7 +83,7 @@ def measure_verify_seconds(
     vocab = model.config.base_vocab_size
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (1, context_length), generator=generator).to(base.device)
-    prefix = base(input_ids=prompt, use_cache=True).past_key_values
+    prefix = output_cache(base(input_ids=prompt, use_cache=True))
     sizes = range(1, max_tokens + 1)
     tokens = {m: torch.randint(vocab, (1, m), generator=generator).to(base.device) for m in sizes}
     runs: dict[int, list[float]] = {m: [] for m in sizes}
@@ -90,7 +91,7 @@ def measure_verify_seconds(
         for m in sizes:
             cache = copy.deepcopy(prefix)
             start = time.perf_counter()
-            base(input_ids=tokens[m], past_key_values=cache, use_cache=True)
+            base(input_ids=tokens[m], **cache_argument(cache), use_cache=True)
             if base.device.type == "cuda":
                 torch.cuda.synchronize(base.device)
             runs[m].append(time.perf_counter() - start)

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from .cache_name import cache_argument
 from .tree import TreeBuffers, tree_attention_mask
 
 
@@ -47,7 +48,7 @@ def verify_tree(
         input_ids=tokens[None],
         attention_mask=mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **cache_argument(cache),
         use_cache=True,
         output_hidden_states=True,
     )

@@ -21,6 +21,7 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_hydra import HydraForCausalLM, HydraGenerateOutput, SpeculationStats, decoding
+from hf_hydra.cache_name import CACHE_NAME, cache_argument
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma")
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
@@ -641,8 +642,8 @@ def test_a_filled_cache_is_refused(tiny_model_factory) -> None:
     prompt = _prompts(SMALL_VOCAB, lengths=(5,))[0]
     cache = DynamicCache(config=model.base_lm.config)
     with torch.no_grad():
-        model.base_lm(prompt[:, :3], past_key_values=cache, use_cache=True)
-    _refused(model, "past_key_values", prompt=prompt, past_key_values=cache)
+        model.base_lm(prompt[:, :3], **cache_argument(cache), use_cache=True)
+    _refused(model, CACHE_NAME, prompt=prompt, **cache_argument(cache))
 
 
 def test_refused_also_from_the_generation_config(tiny_model_factory) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from hf_hydra.cache_name import cache_argument
 from hf_hydra.tree import TreeBuffers, build_tree_buffers
 from hf_hydra.verification import Verification, check_cache_supported, keep_accepted, verify_tree
 
@@ -27,7 +28,7 @@ TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [1, 0, 0]]
 def _prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
     """Fresh cache over input_ids (1, L) -> (cache, logits (L, V))."""
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=input_ids, **cache_argument(cache), use_cache=True)
     return cache, out.logits[0]
 
 
@@ -36,7 +37,7 @@ def _step_by_step(model: PreTrainedModel, cache: DynamicCache, tokens: torch.Ten
     """Plain one-token decoding of tokens (n,) on `cache` -> (logits (n, V), post-norm hidden (n, d))."""
     logits, hidden = [], []
     for token in tokens:
-        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True, output_hidden_states=True)
+        out = model(input_ids=token.view(1, 1), **cache_argument(cache), use_cache=True, output_hidden_states=True)
         logits.append(out.logits[0, -1])
         hidden.append(out.hidden_states[-1][0, -1])
     return torch.stack(logits), torch.stack(hidden)
@@ -94,7 +95,7 @@ def test_verify_tree_mc_sim_63(tiny_model_factory: Callable[..., PreTrainedModel
 def test_verify_tree_is_not_a_plain_causal_forward(tiny_model_factory: Callable[..., PreTrainedModel]) -> None:
     """Guards the test above: ignoring the tree mask / positions would change the logits a lot."""
     model, _, cache, tree, tokens = _setup(tiny_model_factory, "llama", TREE, 3)
-    plain = model(input_ids=tokens[None], past_key_values=copy.deepcopy(cache)).logits[0]
+    plain = model(input_ids=tokens[None], **cache_argument(copy.deepcopy(cache))).logits[0]
     ver = verify_tree(model, cache, tokens, tree)
     assert (plain[1:] - ver.logits[1:]).abs().max() > 1e-2
     torch.testing.assert_close(plain[0], ver.logits[0], atol=1e-4, rtol=0)  # the root sees the same context
