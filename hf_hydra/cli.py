@@ -128,7 +128,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from .training.distill import load_distilled
     from .training.features import TokenizedSequence, prepare_features, training_sequences, write_preparation
 
-    if args.data is not None and (args.seed or args.skip):
+    if args.data is not None and (args.seed is not None or args.skip is not None):
         raise SystemExit("prepare: --seed and --skip choose ShareGPT conversations; use them with --sharegpt, "
                          "not with --data (a distilled file is prepared whole, or its first --limit).")
     base_path = args.base or assets.default_base_model_path()
@@ -137,7 +137,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.data is not None:
         conversations = load_distilled(args.data)[: args.limit]
     else:  # ShareGPT's own answers: the base reads them, the teacher targets are still its own distribution
-        conversations = seeded_sample(load_sharegpt(), args.sharegpt, args.seed, args.skip)[: args.limit]
+        conversations = seeded_sample(load_sharegpt(), args.sharegpt, *sharegpt_order(args))[: args.limit]
     rendered = [render(tokenizer, conversation, max_length=args.max_length) for conversation in conversations]
     sequences = training_sequences([TokenizedSequence(r.input_ids, r.assistant_mask) for r in rendered])
     report = prepare_features(
@@ -148,12 +148,18 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def sharegpt_order(args: argparse.Namespace) -> tuple[int, int]:
+    """`prepare --sharegpt`'s (seed, skip), 0 where not given."""
+    return args.seed or 0, args.skip or 0
+
+
 def prepare_command(args: argparse.Namespace) -> str:
     """The `hf-hydra prepare` command line equivalent to `args`, every option spelled out."""
     if args.data is not None:
         source = ["--data", args.data]
     else:
-        source = ["--sharegpt", str(args.sharegpt), "--seed", str(args.seed), "--skip", str(args.skip)]
+        seed, skip = sharegpt_order(args)
+        source = ["--sharegpt", str(args.sharegpt), "--seed", str(seed), "--skip", str(skip)]
     words = ["hf-hydra", "prepare", *source, "--out", args.out, "--max-length", str(args.max_length),
              "--teacher-topk", str(args.teacher_topk)]
     if args.limit is not None:
@@ -362,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--sharegpt", type=int, metavar="N", help="N ShareGPT conversations with their own answers (seeded sample)"
     )
-    prepare.add_argument("--seed", type=int, default=0, help="with --sharegpt: the seeded order, as in distill")
-    prepare.add_argument("--skip", type=int, default=0, help="with --sharegpt: start after this many of the order")
+    prepare.add_argument("--seed", type=int, help="with --sharegpt: the seeded order, as in distill (default 0)")
+    prepare.add_argument("--skip", type=int, help="with --sharegpt: start after this many of the order (default 0)")
     prepare.add_argument("--out", required=True, help="feature folder (a rerun resumes)")
     prepare.add_argument("--max-length", type=int, default=512)
     prepare.add_argument("--teacher-topk", type=int, default=32)

@@ -206,15 +206,16 @@ def test_prepare_command_spells_out_a_sharegpt_source() -> None:
     from hf_hydra.cli import build_parser, prepare_command
 
     args = build_parser().parse_args(["prepare", "--sharegpt", "1200", "--skip", "2000", "--out", "features/raw"])
-    assert args.data is None and (args.sharegpt, args.seed, args.skip) == (1200, 0, 2000)
+    assert args.data is None and (args.sharegpt, args.seed, args.skip) == (1200, None, 2000)
     assert prepare_command(args) == (
         "hf-hydra prepare --sharegpt 1200 --seed 0 --skip 2000 --out features/raw --max-length 512 --teacher-topk 32"
     )
     with pytest.raises(SystemExit):  # one source only
         build_parser().parse_args(["prepare", "--sharegpt", "5", "--data", "d.jsonl", "--out", "f"])
-    distilled = build_parser().parse_args(["prepare", "--data", "d.jsonl", "--skip", "10", "--out", "f"])
-    with pytest.raises(SystemExit, match="use them with --sharegpt"):  # before any model is loaded
-        distilled.func(distilled)
+    for option in (["--skip", "10"], ["--seed", "0"]):  # even the default value, when given, is refused
+        distilled = build_parser().parse_args(["prepare", "--data", "d.jsonl", *option, "--out", "f"])
+        with pytest.raises(SystemExit, match="use them with --sharegpt"):  # before any model is loaded
+            distilled.func(distilled)
 
 
 # --------------------------------------------------------------------------- self-distillation
