@@ -1,8 +1,9 @@
 """The name transformers gives the KV cache, in forward arguments and in outputs.
 
 transformers 5.24 renamed `past_key_values` to `cache` (the old name still works there, with a deprecation
-warning, until 6.0). Every call that hands a cache to a transformers module or reads one from its output goes
-through `cache_argument` / `output_cache`, so hf_hydra runs on 5.23 and 5.24 alike without warnings.
+warning: until 5.40 in forward calls, 6.0 in `generate`). Every call that hands a cache to a transformers module
+or reads one from its output goes through `cache_argument` / `output_cache`, so hf_hydra runs on 5.23 and 5.24
+alike without warnings.
 """
 
 from __future__ import annotations
