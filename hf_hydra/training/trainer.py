@@ -71,6 +71,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
 SUMMARY_FILE = "training_summary.json"
 ARGS_FILE = "training_args.json"
+GLOO_SETTLE_SECONDS = 0.5  # pause before destroying a multi-process run's process group (see _end_process_group)
 
 
 @dataclass(frozen=True)
@@ -732,7 +733,9 @@ def _loop(run: _Run, metrics: MetricsLog) -> tuple[dict, float | None]:
 
 
 def train(args: TrainingArguments) -> TrainingReport:
-    """Train draft heads on a feature folder; write the heads and the run's records to `args.output_dir`."""
+    """Train draft heads on a feature folder; write the heads and the run's records to `args.output_dir`.
+
+    Under `accelerate launch` it ends the process group when done: one call per launched process."""
     wall_start = time.perf_counter()
     run = _setup(args)
     acc = run.accelerator
@@ -763,7 +766,18 @@ def train(args: TrainingArguments) -> TrainingReport:
     if acc.is_main_process:
         _finish(run, report)
     acc.wait_for_everyone()
+    _end_process_group(acc)
     return report
+
+
+def _end_process_group(acc: Accelerator) -> None:
+    """Multi-process runs: destroy the process group while the interpreter is fully alive. gloo's worker threads
+    free the last collectives' tensors after those return, and freeing a tensor that Python holds needs the GIL:
+    left to interpreter exit that can abort a process (SIGABRT), and right after the last barrier it can deadlock
+    with the process group's destructor (which joins the workers holding the GIL). The pause lets them finish."""
+    if acc.num_processes > 1:
+        time.sleep(GLOO_SETTLE_SECONDS)  # releases the GIL to the worker threads
+        acc.end_training()
 
 
 def _finish(run: _Run, report: TrainingReport) -> None:
