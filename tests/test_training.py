@@ -231,7 +231,7 @@ def test_training_step_moves_heads_only(head_arch, base_dir, features_dir, tmp_p
     store = FeatureStore(features_dir)
     base = trainer.load_base(str(base_dir))
     base_before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = trainer.build_model(args, base, store)
+    model = trainer.build_model(args, base, store, range(len(store)))
     objective = HeadsObjective(model.heads, TINY_VOCAB, args).train()
     heads_before = {k: v.clone() for k, v in objective.state_dict().items()}
     optimizer = trainer.make_optimizer(objective, args)
@@ -278,7 +278,9 @@ def test_train_never_runs_base_layers(base_dir, features_dir, tmp_path, monkeypa
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 4 and summary["args"]["head_arch"] == "hydra++"
     saved = load_file(out / "model.safetensors")
-    fresh = trainer.build_model(args, trainer.load_base(str(base_dir)), FeatureStore(features_dir))
+    store = FeatureStore(features_dir)
+    train_split = split_sequences(len(store), args.validation_fraction, args.seed)[0]
+    fresh = trainer.build_model(args, trainer.load_base(str(base_dir)), store, train_split)
     assert not all(torch.equal(saved[f"heads.{k}"], v) for k, v in fresh.heads.state_dict().items())
     assert not any(k.startswith(("base_lm", "heads.base")) for k in saved)
 
@@ -339,7 +341,9 @@ def test_trained_heads_load_and_decode_losslessly(head_arch, projection, base_di
     fast = model.generate(prompt, max_new_tokens=24, do_sample=False, speculative=True)
     assert torch.equal(plain, fast)
     if projection in DRAFT_VOCAB_PROJECTIONS:
-        expected_ids = FeatureStore(features_dir).most_frequent_targets(DRAFT_VOCAB)
+        store = FeatureStore(features_dir)
+        train_split = split_sequences(len(store), args.validation_fraction, args.seed)[0]
+        expected_ids = store.most_frequent_targets(DRAFT_VOCAB, train_split)
         assert model.config.draft_vocab_size == DRAFT_VOCAB
         assert model.heads.draft_token_ids.tolist() == expected_ids.tolist()
 
@@ -430,6 +434,22 @@ def _random_features(base_dir: Path, out: Path, count: int, seed: int, teacher_t
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     prepare_features(base, sequences, out, base_model_id=str(base_dir), teacher_topk=teacher_topk)
     return out
+
+
+def test_draft_vocabulary_counts_the_training_split_only(features_dir):
+    """The draft vocabulary is the most frequent assistant tokens of the training sequences, counted by hand
+    here; the validation split never shapes it."""
+    store = FeatureStore(features_dir)
+    train_split, val_split = split_sequences(len(store), 0.25, 0)
+    by_hand = torch.zeros(TINY_VOCAB, dtype=torch.int64)
+    for index in train_split:
+        sequence = store.sequence(index)
+        by_hand += torch.bincount(sequence.input_ids[sequence.loss_mask], minlength=TINY_VOCAB)
+    assert torch.equal(store.target_token_counts(train_split), by_hand)
+    validation = store.target_token_counts(val_split)
+    assert validation.sum() > 0 and torch.equal(by_hand + validation, store.target_token_counts())
+    expected = by_hand.topk(DRAFT_VOCAB).indices.sort().values
+    assert torch.equal(store.most_frequent_targets(DRAFT_VOCAB, train_split), expected)
 
 
 def test_extra_feature_folders_are_training_data_only(base_dir, features_dir, tmp_path):

@@ -126,15 +126,24 @@ class FeatureStore:
             teacher_logprobs=torch.from_numpy(a["teacher_logprobs"].astype(np.float32)),
         )
 
-    def target_token_counts(self) -> torch.Tensor:
-        """How often each token id is a training target (an assistant token): (V,)."""
+    def target_token_counts(self, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """How often each token id is a target (an assistant token) in the sequences `indices` (all when None): (V,)."""
         ids = np.asarray(self._arrays["input_ids"], dtype=np.int64)
         mask = np.asarray(self._arrays["loss_mask"], dtype=bool)
+        if indices is not None:
+            mask = mask & self._token_mask(indices)
         return torch.from_numpy(np.bincount(ids[mask], minlength=self.meta.vocab_size))
 
-    def most_frequent_targets(self, k: int) -> torch.Tensor:
-        """The k most frequent target token ids (a draft vocabulary), sorted by id: (k,)."""
-        return self.target_token_counts().topk(k).indices.sort().values
+    def most_frequent_targets(self, k: int, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """The k most frequent target token ids of the sequences `indices` (all when None; a draft vocabulary),
+        sorted by id: (k,)."""
+        return self.target_token_counts(indices).topk(k).indices.sort().values
+
+    def _token_mask(self, indices: Sequence[int]) -> np.ndarray:
+        """(total tokens,) True on the tokens of the sequences `indices`."""
+        selected = np.zeros(len(self), dtype=bool)
+        selected[np.asarray(indices, dtype=np.int64)] = True
+        return np.repeat(selected, np.diff(self.offsets))
 
 
 _ARRAY_NAMES = ("input_ids", "loss_mask", "hidden", "teacher_ids", "teacher_logprobs")

@@ -88,7 +88,7 @@ class TrainingArguments:
     # "draft_vocab" (own projection onto K tokens: cheap), "shared_draft_vocab" (frozen base rows of the K
     # tokens: cheap and small), "per_head" (own projection onto the whole vocabulary), "shared" (base lm_head)
     vocab_projection: str = "draft_vocab"
-    draft_vocab_size: int = 8192  # K most frequent target tokens of the features (draft projections only)
+    draft_vocab_size: int = 8192  # K most frequent target tokens of the training split (draft projections)
     lm_weight: float = 0.0  # weight of CE against the dataset token
     teacher_weight: float = 1.0  # weight of soft CE against the base's distribution (Hydra++ uses only this)
     head_decay: float = 1.0  # head i weighs decay^i: 1.0 equal (Hydra), 0.8 (Medusa)
@@ -496,8 +496,11 @@ def load_base(path: str) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(assets.local_model_source(path), dtype=torch.float32).eval()
 
 
-def build_model(args: TrainingArguments, base: PreTrainedModel, store: FeatureStore) -> HydraForCausalLM:
-    """Fresh heads on the base, checked against the features' hidden size and vocabulary."""
+def build_model(
+    args: TrainingArguments, base: PreTrainedModel, store: FeatureStore, train_split: Sequence[int]
+) -> HydraForCausalLM:
+    """Fresh heads on the base, checked against the features' hidden size and vocabulary; a draft vocabulary
+    is the most frequent targets of the store's training split (the validation split stays unseen)."""
     d, vocab = base.config.get_text_config().hidden_size, base.get_output_embeddings().weight.shape[0]
     if (store.meta.hidden_size, store.meta.vocab_size) != (d, vocab):
         raise ValueError(
@@ -509,7 +512,7 @@ def build_model(args: TrainingArguments, base: PreTrainedModel, store: FeatureSt
     if args.vocab_projection in DRAFT_VOCAB_PROJECTIONS:
         if args.draft_vocab_size > vocab:
             raise ValueError(f"draft_vocab_size={args.draft_vocab_size} exceeds the vocabulary ({vocab}).")
-        draft_ids = store.most_frequent_targets(args.draft_vocab_size)
+        draft_ids = store.most_frequent_targets(args.draft_vocab_size, train_split)
     return HydraForCausalLM.from_base(
         base,
         head_arch=args.head_arch,
@@ -586,11 +589,11 @@ def _setup(args: TrainingArguments) -> _Run:
             "prepare's --max-length. Prepare again with a larger --max-length."
         )
     train_data = FeatureCollection([store, *(FeatureStore(folder) for folder in args.extra_features_dirs)])
-    train_indices, val_indices = split_sequences(len(store), args.validation_fraction, args.seed)
-    train_indices += list(range(len(store), len(train_data)))
+    train_split, val_indices = split_sequences(len(store), args.validation_fraction, args.seed)
+    train_indices = train_split + list(range(len(store), len(train_data)))
     set_seed(args.seed)  # identical head initialisation on every process
     base = load_base(args.base_model)
-    model = build_model(args, base, store)
+    model = build_model(args, base, store, train_split)
     objective = HeadsObjective(model.heads, store.meta.vocab_size, args).train()
     optimizer = make_optimizer(objective, args)
     total = total_steps(args, len(train_indices), accelerator.num_processes)
