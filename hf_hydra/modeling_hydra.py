@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput, cached_file
 
 from . import assets, hub
 from .assisted import HydraCandidateGenerator, assisted_decoding
+from .attention import use_packed_gqa_attention
 from .cache_name import cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
@@ -64,6 +65,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         # Attached after post_init, and not named `base_model` (a PreTrainedModel property).
         self.base_lm = base_model
         self.base_lm.requires_grad_(False)
+        use_packed_gqa_attention(base_model)  # sdpa without copying the KV cache in tree verification (exact)
         # One GenerationConfig object for the wrapper and the base: every mode reads the same defaults.
         self.generation_config = base_model.generation_config = speculative_generation_config(
             base_model.generation_config, config
