@@ -425,7 +425,9 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     steps = [r["step"] for r in train]
     for i, losses in enumerate(zip(*[r["head_loss"] for r in train], strict=True)):
         loss_ax.plot(steps, losses, label=f"head {i}")
-    loss_ax.set(title="training loss per head", xlabel="step", yscale="log")
+    loss_ax.set(title="training loss per head", xlabel="step")
+    if any(loss > 0 for r in train for loss in r["head_loss"]):  # else no curve to put on a log scale
+        loss_ax.set_yscale("log")
     lr_ax.plot(steps, [r["lr"] for r in train])
     lr_ax.set(title="learning rate", xlabel="step")
     eval_steps = [r["step"] for r in evals]
