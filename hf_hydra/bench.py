@@ -13,9 +13,11 @@ sampling draws from (the base's logits / temperature), a quality check for the l
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import json
+import os
 import platform
 import statistics
 import time
@@ -439,6 +441,8 @@ def machine_info(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -451,6 +455,15 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def cpu_model_name() -> str | None:
+    """The CPU's model name as Linux reports it (None elsewhere): the speed-ups depend on it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return None
+
+
 def markdown_table(report: dict) -> str:
     """The summary of a bench JSON as a Markdown table (what README and model cards show)."""
     settings, machine = report["settings"], report["machine"]
@@ -459,7 +472,7 @@ def markdown_table(report: dict) -> str:
     quality = "mismatches" if temperature is None else "log-likelihood / token"
     lines = [
         f"MT-Bench turn {settings['turn']}, {settings['num_prompts']} prompts, {decoding}, "
-        f"{settings['max_new_tokens']} new tokens; {machine['device']} ({machine['processor']}, "
+        f"{settings['max_new_tokens']} new tokens; {machine['device']} ({_processor_text(machine)}, "
         f"{machine['torch_threads']} threads{_shards_text(settings)}), torch {machine['torch']}, "
         f"transformers {machine['transformers']}.{_prepacked_text(settings)}",
         "",
@@ -476,6 +489,12 @@ def markdown_table(report: dict) -> str:
             f"| {s['speedup_total']:.2f}x | {check} | {overhead} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _processor_text(machine: dict) -> str:
+    cpu = machine.get("cpu")  # absent from reports written before it was recorded
+    cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
+    return f"{cpu} {machine['processor']}{cores}" if cpu else machine["processor"]
 
 
 def _prepacked_text(settings: dict) -> str:

@@ -41,7 +41,8 @@ def report(base, tokenizer):
 
 def test_report_schema_and_lossless_methods(report):
     assert set(report) == {"schema_version", "created", "machine", "settings", "results", "summary"}
-    assert {"torch", "transformers", "hf_hydra", "torch_threads", "device"} <= set(report["machine"])
+    recorded = {"torch", "transformers", "hf_hydra", "torch_threads", "device", "cpu", "cpu_count"}
+    assert recorded <= set(report["machine"])
     assert report["settings"]["methods"] == list(bench.ALL_METHODS)
     assert len(report["results"]) == 2 * len(bench.ALL_METHODS)
     json.dumps(report)  # serialisable as it is
@@ -187,6 +188,13 @@ def test_sampling_bench_reports_log_likelihood_instead_of_mismatches(base, token
     table = bench.markdown_table(report)
     assert "sampling at temperature 0.7" in table and "log-likelihood / token" in table
     assert f"{summary['hydra-typical']['mean_log_likelihood']:.3f}" in table
+
+
+def test_table_names_the_cpu_when_the_report_has_it(report):
+    machine = {**report["machine"], "device": "cpu", "processor": "x86_64", "cpu": "AMD EPYC", "cpu_count": 2}
+    assert "cpu (AMD EPYC x86_64, 2 cores, " in bench.markdown_table({**report, "machine": machine})
+    older = {k: v for k, v in machine.items() if k not in ("cpu", "cpu_count")}  # written before it was recorded
+    assert "cpu (x86_64, " in bench.markdown_table({**report, "machine": older})
 
 
 def test_mean_log_likelihood_by_hand(base):
