@@ -260,26 +260,27 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     import json
 
     from . import hub
-    from .training.features import FeatureStore
-    from .training.trainer import split_sequences
-    from .tree_tuning import tune_tree
+    from .tree_tuning import heads_digest, stored_rank_accuracy, tune_tree
 
-    model = HydraForCausalLM.from_pretrained(args.heads)
+    model = HydraForCausalLM.from_pretrained(args.heads).eval()
+    digest = heads_digest(args.heads)
+    stored = None if args.features else stored_rank_accuracy(args.heads, model.config.num_heads)
     if args.prepack:
         model.prepack_base()
-        model.prepack_heads()  # drafting is timed as decoding will run it
-    store = FeatureStore(args.features)
-    _, held_out = split_sequences(len(store), args.validation_fraction, args.seed)
-    report = tune_tree(model, store, held_out[: args.max_sequences], max_tokens=args.max_tokens)
+        model.prepack_heads()  # drafts are measured and timed as decoding will run them
+    if stored is None:
+        accuracy, accuracy_command = _held_out_rank_accuracy(model, args), None
+    else:  # the heads' accuracy from their earlier tuning: only this machine is measured
+        accuracy, accuracy_command = stored.rank_accuracy, stored.command
+    report = tune_tree(model, accuracy, max_tokens=args.max_tokens)
     paths = [list(p) for p in report.choice.paths]
     model.config.tree = paths
     model.generation_config.hydra_tree = paths
-    command = shlex.join(["hf-hydra", "tune-tree", "--heads", "heads/", "--features", args.features,
-                          "--validation-fraction", str(args.validation_fraction), "--seed", str(args.seed),
-                          "--max-sequences", str(args.max_sequences), "--max-tokens", str(args.max_tokens),
-                          *(["--prepack"] if args.prepack else [])])
+    command = _tune_tree_command(args)
     record = {
         "command": command,
+        "accuracy_command": accuracy_command or command,  # the run that measured rank_accuracy on features
+        "heads_sha256": digest,
         "prepacked": args.prepack,
         "heads_prepacked": dtype_name(model.heads.prepacked_dtype),
         **dataclasses.asdict(report),
@@ -291,6 +292,23 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     print(f"tree of {len(paths)} nodes: expected tau {report.choice.expected_tau:.2f}, "
           f"expected {report.choice.expected_tokens_per_second:.1f} tokens/s; now the default tree of {args.heads}")
     return 0
+
+
+def _held_out_rank_accuracy(model: HydraForCausalLM, args: argparse.Namespace) -> list[list[float]]:
+    from .training.features import FeatureStore
+    from .training.trainer import split_sequences
+    from .tree_tuning import measure_rank_accuracy
+
+    store = FeatureStore(args.features)
+    _, held_out = split_sequences(len(store), args.validation_fraction, args.seed)
+    return measure_rank_accuracy(model, store, held_out[: args.max_sequences])
+
+
+def _tune_tree_command(args: argparse.Namespace) -> str:
+    features = ["--features", args.features, "--validation-fraction", str(args.validation_fraction),
+                "--seed", str(args.seed), "--max-sequences", str(args.max_sequences)] if args.features else []
+    return shlex.join(["hf-hydra", "tune-tree", "--heads", "heads/", *features, "--max-tokens", str(args.max_tokens),
+                       *(["--prepack"] if args.prepack else [])])
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -424,10 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("tune-tree", help="measure heads and machine; store the fastest tree with the heads")
     tune.add_argument("--heads", required=True, help="folder of trained heads (the tree is written into it)")
-    tune.add_argument("--features", required=True, help="feature folder the heads were trained on")
-    tune.add_argument("--validation-fraction", type=float, default=0.05, help="as in training: the held-out split")
-    tune.add_argument("--seed", type=int, default=0, help="as in training: the held-out split")
-    tune.add_argument("--max-sequences", type=int, default=200, help="held-out sequences to measure accuracy on")
+    tune.add_argument(
+        "--features",
+        help="feature folder the heads were trained on: their accuracy is measured on its held-out split; without "
+        "it, the accuracy stored by an earlier tuning (the folder's tree_tuning.json) is reused and only this "
+        "machine is measured",
+    )
+    tune.add_argument("--validation-fraction", type=float, default=0.05, help="with --features, as in training")
+    tune.add_argument("--seed", type=int, default=0, help="with --features, as in training: the held-out split")
+    tune.add_argument("--max-sequences", type=int, default=200, help="with --features: held-out sequences measured")
     tune.add_argument("--max-tokens", type=int, default=32, help="largest tree (+ root) whose latency is measured")
     tune.add_argument("--prepack", action="store_true", help=PREPACK_HELP + " (latencies measured with them)")
     tune.set_defaults(func=run_tune_tree)

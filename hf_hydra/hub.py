@@ -7,6 +7,8 @@ An artifact (a folder, or a Hub repo) is
     model.safetensors       the heads only, never base weights
     generation_config.json  the base's generation defaults plus the speculation defaults (hydra_tree, ...)
     README.md               the model card: model_cards/hydra_heads.md filled from the files beside it
+    tree_tuning.json        (optional) `hf-hydra tune-tree`'s measurements: the heads' rank accuracy on held-out
+                            text and the tuning machine's latencies (re-tune elsewhere from the accuracy alone)
     benchmark.json          (optional) the `hf-hydra bench` report whose tau / speed-up table the card shows
 
 Reference checkpoints (method.md section 5) are recognised by `read_reference_checkpoint` and mapped onto our
@@ -321,8 +323,9 @@ def _training_section(config: dict, folder: Path) -> str:
     lines += [preparation, *extra] if preparation else ["# features: `hf-hydra prepare ... --out features/`"]
     num_processes = (summary or {}).get("num_processes") or 1
     lines += [_train_command(args, _prepared_folder(preparation), [_prepared_folder(c) for c in extra], num_processes)]
-    tuning = (_read_json(folder / TREE_TUNING_NAME) or {}).get("command")
-    lines += [tuning, "```"] if tuning else ["```"]
+    tuning = _read_json(folder / TREE_TUNING_NAME) or {}
+    tuning_command = tuning.get("accuracy_command") or tuning.get("command")  # the run on features, not a re-tuning
+    lines += [tuning_command, "```"] if tuning_command else ["```"]
     return "\n".join(lines)
 
 
@@ -394,7 +397,8 @@ def push_folder(
 ) -> CommitInfo:
     """Upload a saved artifact (heads only) to the Hub repo `repo_id` (created when missing) in one commit.
 
-    Only the artifact's files are uploaded (config, generation config, weights, benchmark.json), with a card
+    Only the artifact's files are uploaded (config, generation config, weights, tree_tuning.json: what lets
+    `hf-hydra tune-tree` re-tune the tree on another machine without the features, benchmark.json), with a card
     rendered for `repo_id`; anything else in the folder (training checkpoints, metrics, ...) stays local. A
     benchmark.json left in the repo by an earlier push is deleted when this push has none (it measured other
     heads). The folder itself is not modified.
@@ -414,7 +418,7 @@ def push_folder(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     card = render_model_card(folder, repo_id, benchmark, tags)
     operations = [CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode())]
-    for name in (CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME):
+    for name in (CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, TREE_TUNING_NAME):
         if (folder / name).is_file():
             operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
     report = Path(benchmark) if benchmark is not None else folder / BENCHMARK_NAME

@@ -6,21 +6,29 @@
 2. Latency of one base verification forward over m = 1..M tokens on a KV cache, on this machine.
 3. `tree.choose_tree`: the greedy tree of each size, its expected tau, and the size with the most
    expected tokens per second (drafting time measured for each candidate tree).
+
+The accuracy table belongs to the heads, the latencies to the machine: `tree_tuning.json` keeps both, so heads
+tuned once on held-out features can be re-tuned for another machine from the stored table
+(`stored_rank_accuracy`), without the features.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .cache_name import cache_argument, output_cache
 from .drafting import draft_tree
+from .hub import TREE_TUNING_NAME, WEIGHTS_NAME
 from .modeling_hydra import HydraForCausalLM
 from .training.features import FeatureStore
 from .tree import TreeChoice, build_tree_buffers, choose_tree
@@ -31,6 +39,39 @@ class TuningReport:
     rank_accuracy: list[list[float]]  # [head][rank]
     verify_seconds: list[float]  # [m - 1]: one base forward over m tokens
     choice: TreeChoice
+
+
+@dataclass(frozen=True)
+class StoredAccuracy:
+    """The rank accuracy an earlier tuning measured for the heads in a folder, and how it was measured."""
+
+    rank_accuracy: list[list[float]]  # [head][rank]
+    command: str | None  # the `hf-hydra tune-tree --features ...` run that measured it
+
+
+def heads_digest(heads_dir: str | Path) -> str:
+    """sha256 of the saved heads' weights: ties a stored accuracy table to the heads it measured."""
+    return hashlib.sha256((Path(heads_dir) / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def stored_rank_accuracy(heads_dir: str | Path, num_heads: int) -> StoredAccuracy:
+    """The accuracy table in `heads_dir`'s tree_tuning.json, checked against these heads."""
+    path = Path(heads_dir) / TREE_TUNING_NAME
+    remedy = "pass --features FOLDER (held-out features of the heads' training text) to measure the heads' accuracy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{heads_dir} holds no {TREE_TUNING_NAME} from an earlier tuning: {remedy}.")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): {remedy}.") from None
+    accuracy = record.get("rank_accuracy") if isinstance(record, dict) else None
+    rows = accuracy[:num_heads] if isinstance(accuracy, list) else []
+    if len(rows) < num_heads or not all(isinstance(row, list) and row for row in rows):
+        raise ValueError(f"{path} holds no rank accuracy for {num_heads} heads: {remedy}.")
+    digest = record.get("heads_sha256")  # absent from files written before it was recorded
+    if digest is not None and digest != heads_digest(heads_dir):
+        raise ValueError(f"{path} measured other heads ({WEIGHTS_NAME} changed since): {remedy}.")
+    return StoredAccuracy(rows, record.get("accuracy_command", record.get("command")))
 
 
 @torch.no_grad()
@@ -113,17 +154,11 @@ def measure_draft_seconds(model: HydraForCausalLM, paths: tuple[tuple[int, ...],
     return statistics.median(runs[1:])
 
 
-def tune_tree(
-    model: HydraForCausalLM,
-    store: FeatureStore,
-    sequence_indices: Sequence[int],
-    max_tokens: int = 32,
-    max_rank: int = 10,
-) -> TuningReport:
-    """Measure, then choose the tree; the caller stores `report.choice.paths` with the heads."""
+def tune_tree(model: HydraForCausalLM, rank_accuracy: list[list[float]], max_tokens: int = 32) -> TuningReport:
+    """Measure this machine, then choose the tree for the heads' accuracy (from `measure_rank_accuracy` or
+    `stored_rank_accuracy`); the caller stores `report.choice.paths` with the heads."""
     model.eval()
-    accuracy = measure_rank_accuracy(model, store, sequence_indices, max_rank)
-    accuracy = accuracy[: model.config.num_heads]
+    accuracy = rank_accuracy[: model.config.num_heads]
     verify = measure_verify_seconds(model, max_tokens)
     choice = choose_tree(accuracy, verify, lambda paths: measure_draft_seconds(model, paths))
     return TuningReport(rank_accuracy=accuracy, verify_seconds=verify, choice=choice)

@@ -119,6 +119,11 @@ def push(workdir: Path) -> None:
     folder = workdir / "ref_cli"  # a training output folder: heads plus files that must stay local
     model.save_pretrained(folder)
     (folder / "metrics.jsonl").write_text("{}\n")
+    (folder / "tree_tuning.json").write_text(json.dumps({  # as `hf-hydra tune-tree` leaves it: goes with the heads
+        "command": "hf-hydra tune-tree --heads heads/ --features features/ --max-tokens 2", "prepacked": False,
+        "rank_accuracy": [[0.5, 0.1], [0.3, 0.1], [0.2, 0.1]], "verify_seconds": [0.010, 0.011],
+        "choice": {"paths": [[0]], "expected_tau": 1.5, "expected_tokens_per_second": 136.4},
+    }))
     (folder / "checkpoints" / "step-00000001").mkdir(parents=True)
     (folder / "checkpoints" / "step-00000001" / "model.safetensors").write_bytes(b"0" * 64)
     status = cli.main(["push", str(folder), "--repo", CLI_REPO, "--token", TOKEN])

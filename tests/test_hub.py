@@ -180,14 +180,16 @@ def test_cli_push_uploads_only_the_artifact(published) -> None:
     assert json.loads((workdir / "push.json").read_text())["cli_status"] == 0
     commit = server.state.repos[CLI_REPO].resolve("main")
     files = set(commit.files)
-    assert files == {".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors"}
+    assert files == {".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors",
+                     "tree_tuning.json"}  # what lets `tune-tree` re-tune the tree elsewhere without the features
+    assert "expected tau 1.50" in commit.files["README.md"].decode()
     assert not server.state.repos[CLI_REPO].private
     _assert_same_tensors(_heads_file(workdir / "pulled_cli.safetensors"), _heads_file(workdir / "ref_cli" /
                                                                                        "model.safetensors"))
     assert ModelCard(commit.files["README.md"].decode()).data.base_model == BASE_REPO
     # save_pretrained(..., push_to_hub=True) pushes after writing the card, so the card on the Hub is ours too.
     saved = server.state.repos[SAVE_PUSH_REPO].resolve("main")
-    assert set(saved.files) == files
+    assert set(saved.files) == files - {"tree_tuning.json"}  # save_pretrained writes no tuning
     card = ModelCard(saved.files["README.md"].decode())
     assert card.data.library_name == "hf_hydra" and f'from_pretrained("{SAVE_PUSH_REPO}")' in card.text
     # `--revision` names a branch that does not exist yet: it is created from main, and main stays as it was.

@@ -12,7 +12,7 @@ from conftest import TINY_VOCAB, make_tiny_model
 from hf_hydra import HydraForCausalLM
 from hf_hydra.cli import main
 from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features
-from hf_hydra.tree_tuning import measure_rank_accuracy, measure_verify_seconds, tune_tree
+from hf_hydra.tree_tuning import measure_rank_accuracy, measure_verify_seconds, stored_rank_accuracy, tune_tree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +60,7 @@ def test_rank_accuracy_matches_a_direct_computation(base, store, head_arch):
 
 def test_tune_tree_returns_a_valid_fast_tree(base, store):
     model = HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=3)
-    report = tune_tree(model, store, [0, 1], max_tokens=6, max_rank=3)
+    report = tune_tree(model, measure_rank_accuracy(model, store, [0, 1], max_rank=3), max_tokens=6)
     assert len(report.verify_seconds) == 6 and all(s > 0 for s in report.verify_seconds)
     assert 1 <= len(report.choice.paths) <= 5 and max(len(p) for p in report.choice.paths) <= 3
     assert report.choice.expected_tau >= 1.0
@@ -113,3 +113,50 @@ def test_cli_prepack_measures_with_prepacked_kernels_and_says_so(base, store, tm
     assert report["prepacked"] is True and report["command"].endswith(" --prepack")
     assert len(report["verify_seconds"]) == 4
     assert "prepacked for CPU" in (heads_dir / "README.md").read_text()
+
+
+def _tuned_heads(base, store, tmp_path, head_arch="hydra"):
+    base_dir, heads_dir = tmp_path / "base", tmp_path / "heads"
+    base.save_pretrained(base_dir)
+    HydraForCausalLM.from_base(type(base).from_pretrained(base_dir), head_arch=head_arch, num_heads=2).save_pretrained(
+        heads_dir
+    )
+    args = ["tune-tree", "--heads", str(heads_dir), "--features", str(store.folder), "--validation-fraction", "0.5"]
+    assert main([*args, "--max-tokens", "4"]) == 0
+    return heads_dir
+
+
+def test_cli_retunes_for_this_machine_from_the_stored_accuracy(base, store, tmp_path):
+    heads_dir = _tuned_heads(base, store, tmp_path)
+    first = json.loads((heads_dir / "tree_tuning.json").read_text())
+    assert first["accuracy_command"] == first["command"] and len(first["heads_sha256"]) == 64
+
+    (heads_dir / "training_args.json").write_text(json.dumps({"features_dir": "features/", "head_arch": "hydra"}))
+    assert main(["tune-tree", "--heads", str(heads_dir), "--max-tokens", "6"]) == 0  # no features
+    again = json.loads((heads_dir / "tree_tuning.json").read_text())
+    assert again["rank_accuracy"] == first["rank_accuracy"]  # the heads' accuracy, kept
+    assert len(again["verify_seconds"]) == 6  # the machine, measured anew
+    assert again["command"] == "hf-hydra tune-tree --heads heads/ --max-tokens 6"
+    assert again["accuracy_command"] == first["command"] and again["heads_sha256"] == first["heads_sha256"]
+    tuned = [list(p) for p in again["choice"]["paths"]]
+    assert HydraForCausalLM.from_pretrained(heads_dir).generation_config.hydra_tree == tuned
+    card = (heads_dir / "README.md").read_text()
+    assert first["command"] in card and again["command"] not in card  # the card reproduces the run on features
+
+
+def test_retuning_without_features_refuses_what_it_cannot_trust(base, store, tmp_path):
+    heads_dir = _tuned_heads(base, store, tmp_path)
+    tuning = heads_dir / "tree_tuning.json"
+    record = json.loads(tuning.read_text())
+    assert stored_rank_accuracy(heads_dir, 2).rank_accuracy == record["rank_accuracy"]
+    with pytest.raises(ValueError, match="no rank accuracy for 3 heads: pass --features"):
+        stored_rank_accuracy(heads_dir, 3)
+    tuning.write_text("{ not json")
+    with pytest.raises(ValueError, match="not valid JSON .*pass --features"):
+        stored_rank_accuracy(heads_dir, 2)
+    tuning.write_text(json.dumps({**record, "heads_sha256": "0" * 64}))  # tuned before the heads were retrained
+    with pytest.raises(ValueError, match="measured other heads .*pass --features"):
+        main(["tune-tree", "--heads", str(heads_dir)])
+    tuning.unlink()
+    with pytest.raises(FileNotFoundError, match="no tree_tuning.json from an earlier tuning: pass --features"):
+        main(["tune-tree", "--heads", str(heads_dir)])
