@@ -115,10 +115,10 @@ def test_cli_prepack_measures_with_prepacked_kernels_and_says_so(base, store, tm
     assert "prepacked for CPU" in (heads_dir / "README.md").read_text()
 
 
-def _tuned_heads(base, store, tmp_path, head_arch="hydra"):
+def _tuned_heads(base, store, tmp_path):
     base_dir, heads_dir = tmp_path / "base", tmp_path / "heads"
     base.save_pretrained(base_dir)
-    HydraForCausalLM.from_base(type(base).from_pretrained(base_dir), head_arch=head_arch, num_heads=2).save_pretrained(
+    HydraForCausalLM.from_base(type(base).from_pretrained(base_dir), head_arch="hydra", num_heads=2).save_pretrained(
         heads_dir
     )
     args = ["tune-tree", "--heads", str(heads_dir), "--features", str(store.folder), "--validation-fraction", "0.5"]
