@@ -63,16 +63,17 @@ def _packable(
     groups: int, query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float, extras: dict
 ) -> bool:
     """Several query tokens, grouped KV heads, one mask for all heads, nothing but plain attention asked for."""
-    asked = {name for name, value in extras.items() if value is not None and value is not False}
-    plain = dropout == 0.0 and asked <= _PLAIN_ATTENTION_KWARGS
-    return (
+    shaped = (
         groups > 1
         and query.shape[2] > 1
         and attention_mask is not None
         and attention_mask.dim() == 4
         and attention_mask.shape[1] == 1
-        and plain
     )
+    if not shaped or dropout != 0.0:  # most calls (one-token decoding steps) stop here, before the kwargs scan
+        return False
+    asked = (name for name, value in extras.items() if value is not None and value is not False)
+    return all(name in _PLAIN_ATTENTION_KWARGS for name in asked)
 
 
 def use_packed_gqa_attention(model: PreTrainedModel) -> bool:

@@ -101,12 +101,18 @@ def test_cli_stores_the_tuned_tree_with_the_heads(base, store, tmp_path):
     assert "--validation-fraction 0.5" in report["command"] and "--max-tokens 5" in report["command"]
 
 
-def test_cli_prepack_measures_with_prepacked_kernels_and_says_so(base, store, tmp_path):
+def _saved_heads(base, tmp_path, head_arch):
+    """Fresh heads on the base saved in tmp_path/base, saved in tmp_path/heads (their folder is returned)."""
     base_dir, heads_dir = tmp_path / "base", tmp_path / "heads"
     base.save_pretrained(base_dir)
-    HydraForCausalLM.from_base(type(base).from_pretrained(base_dir), head_arch="medusa", num_heads=2).save_pretrained(
+    HydraForCausalLM.from_base(type(base).from_pretrained(base_dir), head_arch=head_arch, num_heads=2).save_pretrained(
         heads_dir
     )
+    return heads_dir
+
+
+def test_cli_prepack_measures_with_prepacked_kernels_and_says_so(base, store, tmp_path):
+    heads_dir = _saved_heads(base, tmp_path, "medusa")
     args = ["tune-tree", "--heads", str(heads_dir), "--features", str(store.folder), "--validation-fraction", "0.5"]
     assert main([*args, "--max-tokens", "4", "--prepack"]) == 0
     report = json.loads((heads_dir / "tree_tuning.json").read_text())
@@ -116,11 +122,7 @@ def test_cli_prepack_measures_with_prepacked_kernels_and_says_so(base, store, tm
 
 
 def _tuned_heads(base, store, tmp_path):
-    base_dir, heads_dir = tmp_path / "base", tmp_path / "heads"
-    base.save_pretrained(base_dir)
-    HydraForCausalLM.from_base(type(base).from_pretrained(base_dir), head_arch="hydra", num_heads=2).save_pretrained(
-        heads_dir
-    )
+    heads_dir = _saved_heads(base, tmp_path, "hydra")
     args = ["tune-tree", "--heads", str(heads_dir), "--features", str(store.folder), "--validation-fraction", "0.5"]
     assert main([*args, "--max-tokens", "4"]) == 0
     return heads_dir
