@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from .attention import PACKED_GQA_ATTENTION
 from .cache_name import cache_argument
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, prepack_linear_layers
@@ -70,6 +71,10 @@ class DraftHead(nn.Module):
         return self.dropout(x)
 
 
+# attention implementations that run causally when given no mask (transformers' sdpa sets is_causal)
+CAUSAL_WITHOUT_MASK = frozenset({"sdpa", PACKED_GQA_ATTENTION})
+
+
 class PrefixLayer(nn.Module):
     """Hydra++: one randomly initialised decoder layer of the base architecture plus a final norm,
     run causally over the hidden states of verified tokens with its own KV cache."""
@@ -84,9 +89,12 @@ class PrefixLayer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
     ) -> torch.Tensor:
-        """hidden (B, n, d) of n new verified tokens at `position_ids` (B, n) -> (B, n, d)."""
+        """hidden (B, n, d) of n new verified tokens at `position_ids` (B, n) -> (B, n, d). Over a prompt (nothing
+        cached) sdpa runs causally without a mask (no n x n mask in memory); later chunks are a few tokens."""
         past = cache.get_seq_length() if cache is not None else 0
-        mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)  # (1, 1, n, past + n)
+        mask = None
+        if past > 0 or self.layer.self_attn.config._attn_implementation not in CAUSAL_WITHOUT_MASK:
+            mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)  # (1, 1, n, past + n)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         out = self.layer(
             hidden,
