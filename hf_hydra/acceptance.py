@@ -142,12 +142,14 @@ def sample_token(probs: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 def child_slots(tree: TreeBuffers) -> torch.Tensor:
-    """(T, K) the children of every node in rank order, padded with -1; K = the most children of a node.
-    Nodes are numbered in (depth, path) order, so siblings are contiguous and sorted by rank."""
+    """(T, K) the children of every node in rank order, padded with -1; K = the most children of a node
+    (1 for the root alone). Nodes are numbered in (depth, path) order, so siblings are contiguous and sorted
+    by rank."""
     parents = tree.parents[1:]  # (N,) non-decreasing
     nodes = torch.arange(1, tree.num_tokens, device=parents.device)  # (N,)
     slot = nodes - 1 - torch.searchsorted(parents, parents)  # (N,) rank order among siblings
-    slots = torch.full((tree.num_tokens, int(slot.max()) + 1), -1, dtype=torch.long, device=parents.device)
+    width = int(slot.max()) + 1 if slot.numel() else 1
+    slots = torch.full((tree.num_tokens, width), -1, dtype=torch.long, device=parents.device)
     slots[parents, slot] = nodes
     return slots
 

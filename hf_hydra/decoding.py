@@ -21,6 +21,7 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from . import support
 from .acceptance import (
     Acceptance,
     AcceptanceRule,
@@ -94,35 +95,71 @@ class Prefill:
 
 
 def check_request(
-    input_ids: torch.Tensor,
+    model: PreTrainedModel,
+    batch_size: int,
     generation_config: GenerationConfig,
     logits_processor: LogitsProcessorList,
-    model_kwargs: dict,
 ) -> None:
-    """Refuse what the tree loop does not implement, naming the limitation."""
-    if (generation_config.num_beams or 1) > 1 or (generation_config.num_return_sequences or 1) > 1:
-        raise ValueError("speculative=True does not support beam search or num_return_sequences > 1.")
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"speculative=True supports batch size 1 only (got {input_ids.shape[0]}); loop over prompts.")
+    """Refuse what the tree loop does not implement, naming the limitation (see `hf_hydra.support`)."""
+    support.check_generation_request(generation_config, batch_size, support.TREE)
+    support.check_tree_base(model.config)
     check_processors_supported(logits_processor)
     flags = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
-    if any(getattr(generation_config, flag, False) for flag in flags):
-        raise ValueError(f"speculative=True does not return {', '.join(flags)}; leave them off.")
-    if model_kwargs.get("attention_mask") is not None and not bool(model_kwargs["attention_mask"].all()):
-        raise ValueError("speculative=True does not support padded prompts; pass the prompt without padding.")
+    asked = [flag for flag in flags if getattr(generation_config, flag, False)]
+    if asked:
+        raise support.refuse("outputs", support.TREE, ", ".join(asked))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The prompt as `generate` prepared it: token ids, or embeddings only (`input_ids` then (1, 0)), and
+    the attention mask and positions plain decoding uses (a masked prompt token: padding or `pad_token_id`)."""
+
+    input_ids: torch.Tensor  # (1, L) or (1, 0) with inputs_embeds
+    inputs_embeds: torch.Tensor | None  # (1, L, d)
+    attention_mask: torch.Tensor | None  # (1, L), None when every position is attended
+    position_ids: torch.Tensor | None  # (1, L), None when the base takes no position ids
+    visible: torch.Tensor | None  # (L,) bool: the positions later tokens attend to; None: all of them
+    position_offset: int  # cache row i sits at position i + offset: decoding continues from the last position
+
+    @classmethod
+    def from_generate(cls, input_ids: torch.Tensor, model_kwargs: dict) -> Prompt:
+        embeds = model_kwargs.get("inputs_embeds")
+        length = input_ids.shape[1] if embeds is None else embeds.shape[1]
+        mask = model_kwargs.get("attention_mask")
+        mask = None if mask is None or bool(mask.all()) else mask
+        position_ids = model_kwargs.get("position_ids")
+        return cls(
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            visible=None if mask is None else mask[0].bool(),
+            position_offset=0 if position_ids is None else int(position_ids[0, -1]) + 1 - length,
+        )
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1] if self.inputs_embeds is None else self.inputs_embeds.shape[1]
 
 
 @torch.no_grad()
 def prefill(
-    base: PreTrainedModel, heads: DraftHeads, input_ids: torch.Tensor, cache: DynamicCache,
-    context_cache: DynamicCache | None,
+    base: PreTrainedModel, heads: DraftHeads, prompt: Prompt, cache: DynamicCache, context_cache: DynamicCache | None
 ) -> Prefill:
-    """Run the base over the prompt (1, L); the cache then holds L entries."""
+    """Run the base over the prompt, as plain decoding does; the cache then holds L entries."""
+    ids = {"input_ids": prompt.input_ids} if prompt.inputs_embeds is None else {"inputs_embeds": prompt.inputs_embeds}
     out = base(
-        input_ids=input_ids, **cache_argument(cache), use_cache=True, output_hidden_states=True, logits_to_keep=1
+        **ids,
+        attention_mask=prompt.attention_mask,
+        **({} if prompt.position_ids is None else {"position_ids": prompt.position_ids}),
+        **cache_argument(cache),
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=1,
     )
     hidden = out.hidden_states[-1]  # (1, L, d)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, L)
+    positions = torch.arange(prompt.length, device=hidden.device)[None]  # (1, L)
     context = heads.encode_context(hidden, positions, context_cache)[0, -1]  # (d,)
     return Prefill(logits=out.logits[0, -1], context=context)
 
@@ -168,6 +205,26 @@ def append_until_stop(
     return torch.cat([sequence, new_tokens[None]], dim=1), False
 
 
+class StepTrees:
+    """The tree each step verifies: the call's tree, cut to the depth the base's position scheme allows
+    after `past` cached tokens (`hf_hydra.support.PositionLimits`; near a learned position table's end or
+    around a dynamic / longrope RoPE's original length). Cut trees are made once per depth."""
+
+    def __init__(self, tree: TreeBuffers, limits: support.PositionLimits, position_offset: int) -> None:
+        self.tree = tree
+        self.limits = limits
+        self.position_offset = position_offset
+        self.cut: dict[int, TreeBuffers] = {}
+
+    def at(self, past: int) -> TreeBuffers:
+        depth = self.limits.max_depth(past + self.position_offset)
+        if depth is None or depth >= self.tree.max_depth:
+            return self.tree
+        if depth not in self.cut:
+            self.cut[depth] = self.tree.truncated(depth)
+        return self.cut[depth]
+
+
 def tree_speculative_generate(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -197,16 +254,18 @@ def tree_speculative_generate(
     """
     if heads is None or tree is None:
         raise ValueError("tree_speculative_generate needs heads= and tree=; call HydraForCausalLM.generate.")
-    check_request(input_ids, generation_config, logits_processor, model_kwargs)
+    check_request(model, input_ids.shape[0], generation_config, logits_processor)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
     if acceptance is None:
         acceptance = getattr(generation_config, "hydra_acceptance", None)
     rule = acceptance_rule(bool(generation_config.do_sample), acceptance, posterior_threshold, posterior_alpha)
     cache = model_kwargs.get(CACHE_NAME)
-    if not isinstance(cache, DynamicCache) or cache.get_seq_length() != 0:
-        raise ValueError(f"speculative=True starts from an empty DynamicCache; do not pass {CACHE_NAME}.")
-    tree = tree.to(input_ids.device)
+    if cache is None:  # use_cache=False: speculation verifies against the cache all the same
+        cache = DynamicCache(config=model.config)
+    support.check_cache(cache, support.TREE)
+    prompt = Prompt.from_generate(input_ids, model_kwargs)
+    steps = StepTrees(tree.to(input_ids.device), support.position_limits(model.config), prompt.position_offset)
     embed_tokens = model.get_input_embeddings()
     context_cache = heads.new_context_cache()
     if streamer is not None:
@@ -214,7 +273,7 @@ def tree_speculative_generate(
 
     timer = PhaseTimer(input_ids.device)
     with timer("prefill"):
-        start = prefill(model, heads, input_ids, cache, context_cache)
+        start = prefill(model, heads, prompt, cache, context_cache)
     check_cache_supported(cache)
     root = first_token(rule, next_token_scores(start.logits, input_ids, logits_processor), generator)
     sequence, finished = append_until_stop(input_ids, root[None], stopping_criteria)
@@ -225,14 +284,15 @@ def tree_speculative_generate(
 
     while not finished:
         past = cache.get_seq_length()
+        step_tree = steps.at(past)
         with timer("draft"):
-            draft = draft_tree(heads, tree, context, root, embed_tokens)
+            draft = draft_tree(heads, step_tree, context, root, embed_tokens)
         with timer("verify"):
-            verified = verify_tree(model, cache, draft.tokens, tree)
+            verified = verify_tree(model, cache, draft.tokens, step_tree, prompt.visible, prompt.position_offset)
         with timer("accept"):
-            accepted = accept(rule, draft.tokens, verified.logits, sequence, tree, logits_processor, generator)
+            accepted = accept(rule, draft.tokens, verified.logits, sequence, step_tree, logits_processor, generator)
         with timer("commit"):
-            keep_accepted(cache, past, accepted.nodes, tree.num_tokens)
+            keep_accepted(cache, past, accepted.nodes, step_tree.num_tokens)
             positions = (past + torch.arange(accepted.nodes.shape[0], device=input_ids.device))[None]  # (1, a)
             context = heads.encode_context(verified.hidden[accepted.nodes][None], positions, context_cache)[0, -1]
             root = accepted.bonus_token

@@ -26,11 +26,12 @@ from transformers.utils import ModelOutput, cached_file
 from . import assets, hub
 from .assisted import HydraCandidateGenerator, assisted_decoding
 from .attention import use_packed_gqa_attention
-from .cache_name import cache_argument, output_cache
+from .cache_name import CACHE_NAME, cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .heads import DraftHeads, build_heads
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackReport, bfloat16_supported, prepack_linear_layers
+from .support import ASSISTED, TREE, check_options, position_limits
 from .tree import TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
 
 HEADS_WEIGHTS_NAME = "model.safetensors"
@@ -60,7 +61,10 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> None:
         check_base_compatible(config, base_model)
         super().__init__(config)
-        self.heads: DraftHeads = build_heads(config, base_model, draft_token_ids).to(base_model.dtype)
+        head_weights = base_model.get_output_embeddings().weight  # the heads read the base's last hidden states
+        self.heads: DraftHeads = build_heads(config, base_model, draft_token_ids).to(
+            device=head_weights.device, dtype=base_model.dtype
+        )
         self.post_init()
         # Attached after post_init, and not named `base_model` (a PreTrainedModel property).
         self.base_lm = base_model
@@ -248,8 +252,9 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             return self.base_lm.generate(inputs, **kwargs)
         if speculative not in (True, "tree", "assisted"):
             raise ValueError(f"speculative must be False, True, 'tree' or 'assisted'; got {speculative!r}.")
+        check_options(kwargs, self.generation_config, ASSISTED if speculative == "assisted" else TREE)
         streamer = kwargs.pop("streamer", None)
-        _move_stop_strings_to_criteria(kwargs, self.base_lm.generation_config)
+        stop_strings_moved = _move_stop_strings_to_criteria(kwargs, self.generation_config)
         if speculative == "assisted":
             if tree is not None:
                 raise ValueError(
@@ -257,16 +262,22 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             _check_assisted_options(kwargs, self.generation_config)
             decode = functools.partial(assisted_decoding, streamer=streamer)
-            cache = DynamicCache(config=self.base_lm.config)
-            with _stop_strings_hidden(self.generation_config, kwargs):
-                return super().generate(inputs, custom_generate=decode, **cache_argument(cache), **kwargs)
+            with _stop_strings_hidden(self.generation_config, stop_strings_moved):
+                return super().generate(inputs, custom_generate=decode, **self._assisted_cache(kwargs), **kwargs)
         if tree is None:
             tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
         decode = functools.partial(
             tree_speculative_generate, heads=self.heads, tree=self.tree_buffers(tree), streamer=streamer
         )
-        with _stop_strings_hidden(self.base_lm.generation_config, kwargs):
+        with _stop_strings_hidden(self.generation_config, stop_strings_moved):
             return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
+
+    def _assisted_cache(self, kwargs: dict) -> dict:
+        """transformers makes no cache for this wrapper: the caller's (the loop checks it), else a new
+        DynamicCache."""
+        kwargs.pop("cache_implementation", None)  # "dynamic" at most (check_options)
+        cache = kwargs.pop(CACHE_NAME, None)
+        return cache_argument(DynamicCache(config=self.base_lm.config) if cache is None else cache)
 
     def prepack_base(self, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT) -> PrepackReport:
         """CPU inference: replace the base's float32 `nn.Linear` layers by oneDNN-prepacked ones (in place;
@@ -295,6 +306,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             do_sample=bool(kwargs["generation_config"].do_sample),
             logits_processor=kwargs.get("logits_processor"),
             vocab_size=self.config.base_vocab_size,
+            position_limits=position_limits(self.base_lm.config),
         )
 
     def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
@@ -333,11 +345,11 @@ def _check_assisted_options(kwargs: dict, default_config: GenerationConfig) -> N
 
 
 @contextlib.contextmanager
-def _stop_strings_hidden(default_config: GenerationConfig, kwargs: dict):
-    """generate() refills None fields from the model's own generation config, so stop strings (already a
+def _stop_strings_hidden(default_config: GenerationConfig, hidden: bool):
+    """generate() refills unset fields from the model's own generation config, so stop strings (already a
     criterion, see _move_stop_strings_to_criteria) are hidden there for the call."""
     saved = default_config.stop_strings
-    if "stopping_criteria" in kwargs:
+    if hidden:
         default_config.stop_strings = None
     try:
         yield
@@ -345,21 +357,28 @@ def _stop_strings_hidden(default_config: GenerationConfig, kwargs: dict):
         default_config.stop_strings = saved
 
 
-def _move_stop_strings_to_criteria(kwargs: dict, default_config: GenerationConfig) -> None:
-    """`generate(custom_generate=...)` drops the tokenizer, so stop strings become a criterion here."""
-    generation_config = kwargs.get("generation_config") or default_config
-    stop_strings = kwargs.pop("stop_strings", None) or generation_config.stop_strings
+def _move_stop_strings_to_criteria(kwargs: dict, default_config: GenerationConfig) -> bool:
+    """`generate(custom_generate=...)` drops the tokenizer, so stop strings become a criterion here; True when
+    there were any. They come from the call, else from its `generation_config`, else (generate's refill of
+    unset fields) from the model's."""
+    user_config = kwargs.get("generation_config")
+    stop_strings = (
+        kwargs.pop("stop_strings", None)
+        or (user_config.stop_strings if user_config is not None else None)
+        or default_config.stop_strings
+    )
     tokenizer = kwargs.pop("tokenizer", None)
     if stop_strings is None:
-        return
+        return False
     if tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer: pass tokenizer=... to generate.")
     criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
     criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
     kwargs["stopping_criteria"] = criteria
-    if generation_config.stop_strings is not None:
-        kwargs["generation_config"] = copy.deepcopy(generation_config)
+    if user_config is not None and user_config.stop_strings is not None:
+        kwargs["generation_config"] = copy.deepcopy(user_config)
         kwargs["generation_config"].stop_strings = None
+    return True
 
 
 def speculative_generation_config(base_config: GenerationConfig, config: HydraConfig) -> GenerationConfig:

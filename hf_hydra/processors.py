@@ -32,6 +32,7 @@ from transformers.generation import (
     MinPLogitsWarper,
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
     SuppressTokensAtBeginLogitsProcessor,
@@ -43,6 +44,7 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 
+from . import support
 from .tree import TreeBuffers
 
 ROW_WISE_PROCESSORS: frozenset[type] = frozenset(
@@ -72,15 +74,19 @@ ROW_WISE_PROCESSORS: frozenset[type] = frozenset(
 )
 
 
-def check_processors_supported(logits_processor: LogitsProcessorList) -> None:
-    """Raise a ValueError naming the processors that cannot be applied per tree node."""
-    unsupported = sorted({type(p).__name__ for p in logits_processor if type(p) not in ROW_WISE_PROCESSORS})
+# transformers' assisted loop applies the processors to each prefix of its chain, one at a time, and again to
+# the prefixes after a rejection: every processor that depends on its prefix only is exact there.
+PER_PREFIX_PROCESSORS: frozenset[type] = ROW_WISE_PROCESSORS | {PrefixConstrainedLogitsProcessor}
+
+
+def check_processors_supported(logits_processor: LogitsProcessorList, path: str = support.TREE) -> None:
+    """Raise a ValueError naming the processors `path` cannot apply exactly."""
+    allowed, limitation = (
+        (ROW_WISE_PROCESSORS, "processors") if path == support.TREE else (PER_PREFIX_PROCESSORS, "stateful_processors")
+    )
+    unsupported = sorted({type(p).__name__ for p in logits_processor if type(p) not in allowed})
     if unsupported:
-        raise ValueError(
-            f"speculative=True applies logits processors to every tree node and supports only row-wise ones; "
-            f"{', '.join(unsupported)} is not among them (see hf_hydra.processors.ROW_WISE_PROCESSORS). "
-            "Remove the option that creates it, or use speculative=False."
-        )
+        raise support.refuse(limitation, path, ", ".join(unsupported))
 
 
 def next_token_scores(

@@ -145,6 +145,28 @@ class TreeBuffers:
         )
         return TreeBuffers(paths=self.paths, levels=levels, **moved)
 
+    def truncated(self, depth: int) -> TreeBuffers:
+        """The subtree of the nodes at depth <= `depth` (0: the root alone), on the same device. Nodes are in
+        depth order, so they are the first n nodes and keep their indices."""
+        if depth >= self.max_depth:
+            return self
+        n = int((self.depths <= depth).sum())
+        parents = self.parents[:n]
+        has_child = torch.zeros(n, dtype=torch.bool, device=parents.device)
+        has_child[parents[1:]] = True
+        leaves = (~has_child).nonzero()[:, 0]  # (P,)
+        ancestors = self.ancestors[:n, : depth + 1]  # (n, depth + 1)
+        return TreeBuffers(
+            paths=self.paths[: n - 1],
+            depths=self.depths[:n],
+            parents=parents,
+            attention_mask=self.attention_mask[:n, :n],
+            ancestors=ancestors,
+            leaf_paths=ancestors[leaves],
+            leaf_path_lengths=self.depths[leaves] + 1,
+            levels=self.levels[:depth],
+        )
+
 
 def build_tree_buffers(tree: TreeSpec, num_heads: int) -> TreeBuffers:
     """Tree spec -> `TreeBuffers` (on the CPU; call `.to(device)`)."""
@@ -208,13 +230,16 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-def tree_attention_mask(tree: TreeBuffers, past: int, dtype: torch.dtype) -> torch.Tensor:
+def tree_attention_mask(
+    tree: TreeBuffers, past: int, dtype: torch.dtype, prompt_visible: torch.Tensor | None = None
+) -> torch.Tensor:
     """Additive float mask (1, 1, T, past + T) for verifying the tree after `past` cached tokens:
-    each node sees the whole verified prefix, the root and its own ancestors."""
-    allowed = torch.cat(
-        [torch.ones(tree.num_tokens, past, dtype=torch.bool, device=tree.attention_mask.device), tree.attention_mask],
-        dim=1,
-    )
+    each node sees the verified prefix, the root and its own ancestors. prompt_visible: (L,) bool, L <= past,
+    the prompt positions that are attended (None: all)."""
+    seen = torch.ones(tree.num_tokens, past, dtype=torch.bool, device=tree.attention_mask.device)  # (T, past)
+    if prompt_visible is not None:
+        seen[:, : prompt_visible.shape[0]] = prompt_visible
+    allowed = torch.cat([seen, tree.attention_mask], dim=1)  # (T, past + T)
     return additive_mask(allowed, dtype)[None, None]
 
 

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from . import support
 from .cache_name import cache_argument
 from .tree import TreeBuffers, tree_attention_mask
 
@@ -26,24 +27,27 @@ def check_cache_supported(cache: DynamicCache) -> None:
     """Tree verification rewrites cache entries in place: only plain full-attention layers allow it."""
     unsupported = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if unsupported:
-        raise ValueError(
-            f"speculative=True needs a cache of full-attention layers; this model's cache has {sorted(unsupported)} "
-            "(sliding-window or linear-attention layers are not supported yet). Use speculative=False."
-        )
+        raise support.refuse("cache_layers", support.TREE, f"this model's cache has {sorted(unsupported)}")
 
 
 @torch.no_grad()
 def verify_tree(
-    base: PreTrainedModel, cache: DynamicCache, tokens: torch.Tensor, tree: TreeBuffers
+    base: PreTrainedModel,
+    cache: DynamicCache,
+    tokens: torch.Tensor,
+    tree: TreeBuffers,
+    prompt_visible: torch.Tensor | None = None,
+    position_offset: int = 0,
 ) -> Verification:
     """Run the base over all T tree tokens at once; the cache grows by T entries (see `keep_accepted`).
 
-    tokens: (T,) the drafted tree in node order. Node a sits at position `past + depth[a]` and attends to
-    the verified prefix and its ancestors only.
+    tokens: (T,) the drafted tree in node order. Node a sits at position `past + position_offset + depth[a]`
+    and attends to the verified prefix (but the prompt positions `prompt_visible` (L,) masks) and its
+    ancestors only, as one-token decoding would place and mask it.
     """
     past = cache.get_seq_length()
-    mask = tree_attention_mask(tree, past, base.dtype)  # (1, 1, T, past + T)
-    position_ids = (past + tree.depths)[None]  # (1, T)
+    mask = tree_attention_mask(tree, past, base.dtype, prompt_visible)  # (1, 1, T, past + T)
+    position_ids = (past + position_offset + tree.depths)[None]  # (1, T)
     out = base(
         input_ids=tokens[None],
         attention_mask=mask,

@@ -606,7 +606,7 @@ class _KeepScores(LogitsProcessor):
 
 BATCH_OF_TWO = torch.tensor([[1, 2, 3], [4, 5, 6]])
 REFUSED: dict[str, tuple[str, dict]] = {
-    "batch": ("batch size 1", {"prompt": BATCH_OF_TWO}),
+    "batch": ("batches of more than one prompt", {"prompt": BATCH_OF_TWO}),
     "beams": ("beam search", {"num_beams": 2}),
     "return_sequences": ("num_return_sequences", {"num_return_sequences": 2}),
     "custom_logits_processor": ("row-wise.*_KeepScores", {"logits_processor": LogitsProcessorList([_KeepScores()])}),
@@ -616,7 +616,6 @@ REFUSED: dict[str, tuple[str, dict]] = {
     "tree_too_deep_by_paths": ("depth 5", {"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]}),
     "unknown_tree": ("Unknown tree", {"tree": "no_such_tree"}),
     "tree_without_parent": ("no parent", {"tree": [[0], [1, 0]]}),
-    "padded_prompt": ("padded", {"attention_mask": torch.tensor([[0, 1, 1, 1, 1]])}),
     "output_scores": ("output_scores", {"output_scores": True, "return_dict_in_generate": True}),
     "bad_mode": ("speculative must be", {"speculative": "fast"}),
     "assisted_batch": ("batch", {"prompt": BATCH_OF_TWO, "speculative": "assisted"}),

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 import hf_hydra  # noqa: F401  (registers model type "hydra" with the Auto classes)
 from hf_hydra import HydraConfig, HydraForCausalLM
 from hf_hydra.drafting import draft_tree
 from hf_hydra.heads import ProjectedResBlock, ResBlock
+from hf_hydra.tree import causal_mask
 
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
 NUM_HEADS = 4
@@ -530,6 +531,31 @@ def test_hydra_plus_plus_prefix_layer_is_a_fresh_base_decoder_layer(tiny_model_f
     assert all(p.requires_grad for p in model.heads.parameters())
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_hydra_plus_plus_prefix_layer_is_causal_over_a_prompt_and_in_chunks(tiny_model_factory, attn_implementation):
+    """Over a prompt (nothing cached) sdpa runs the prefix layer causally without building an L x L mask; the
+    output is the layer's with an explicit causal mask, and running the prompt in two cached chunks agrees."""
+    model = _hydra(_base(tiny_model_factory, attn_implementation=attn_implementation), "hydra++")
+    prefix = model.heads.prefix_layer
+    hidden = torch.randn(1, 12, model.config.base_hidden_size)  # (1, L, d)
+    positions = torch.arange(12)[None]  # (1, L)
+    with torch.no_grad():
+        whole = prefix(hidden, positions, None)
+        explicit = prefix.norm(
+            prefix.layer(
+                hidden,
+                attention_mask=causal_mask(12, 0, hidden.dtype, hidden.device),
+                position_ids=positions,
+                position_embeddings=prefix.rotary_emb(hidden, positions),
+            )
+        )
+        cache = DynamicCache()
+        first, rest = (prefix(hidden[:, part], positions[:, part], cache) for part in (slice(0, 7), slice(7, 12)))
+        chunks = torch.cat([first, rest], dim=1)
+    torch.testing.assert_close(whole, explicit)
+    torch.testing.assert_close(chunks, whole)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Module structure
 
@@ -562,7 +588,9 @@ def test_hydra_first_block_widths(tiny_model_factory) -> None:
         assert head.blocks[0].res_connection.weight.shape == (d, d * (i + 2))
 
 
-def test_heads_follow_the_base_dtype(tiny_model_factory) -> None:
-    base = _base(tiny_model_factory).to(torch.bfloat16)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_heads_follow_the_base_dtype_and_device(tiny_model_factory, device: str) -> None:
+    """As `from_pretrained(..., device_map=...)` places the base: the heads go where its lm_head is."""
+    base = _base(tiny_model_factory).to(device=device, dtype=torch.bfloat16)
     model = _hydra(base, "hydra++")
-    assert {p.dtype for p in model.heads.parameters()} == {torch.bfloat16}
+    assert {(p.device.type, p.dtype) for p in model.heads.parameters()} == {(device, torch.bfloat16)}
