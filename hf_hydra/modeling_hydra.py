@@ -252,9 +252,11 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             return self.base_lm.generate(inputs, **kwargs)
         if speculative not in (True, "tree", "assisted"):
             raise ValueError(f"speculative must be False, True, 'tree' or 'assisted'; got {speculative!r}.")
-        check_options(kwargs, self.generation_config, ASSISTED if speculative == "assisted" else TREE)
+        # the generation config the running generate() fills unset fields from: the wrapper's or the base's
+        defaults = self.generation_config if speculative == "assisted" else self.base_lm.generation_config
+        check_options(kwargs, defaults, ASSISTED if speculative == "assisted" else TREE)
         streamer = kwargs.pop("streamer", None)
-        stop_strings_moved = _move_stop_strings_to_criteria(kwargs, self.generation_config)
+        stop_strings_moved = _move_stop_strings_to_criteria(kwargs, defaults)
         if speculative == "assisted":
             if tree is not None:
                 raise ValueError(
@@ -262,14 +264,14 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             _check_assisted_options(kwargs, self.generation_config)
             decode = functools.partial(assisted_decoding, streamer=streamer)
-            with _stop_strings_hidden(self.generation_config, stop_strings_moved):
+            with _stop_strings_hidden(defaults, stop_strings_moved):
                 return super().generate(inputs, custom_generate=decode, **self._assisted_cache(kwargs), **kwargs)
         if tree is None:
             tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
         decode = functools.partial(
             tree_speculative_generate, heads=self.heads, tree=self.tree_buffers(tree), streamer=streamer
         )
-        with _stop_strings_hidden(self.generation_config, stop_strings_moved):
+        with _stop_strings_hidden(defaults, stop_strings_moved):
             return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
 
     def _assisted_cache(self, kwargs: dict) -> dict:
