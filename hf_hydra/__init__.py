@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import assets
 from .configuration_hydra import HydraConfig
-from .decoding import HydraGenerateOutput, SpeculationStats
+from .decoding import HydraGenerateOutput, SpeculationStats, context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
 
 __version__ = "0.1.0"
@@ -15,4 +15,12 @@ __version__ = "0.1.0"
 AutoConfig.register("hydra", HydraConfig)
 AutoModelForCausalLM.register(HydraConfig, HydraForCausalLM)
 
-__all__ = ["assets", "HydraConfig", "HydraForCausalLM", "HydraGenerateOutput", "SpeculationStats", "__version__"]
+__all__ = [
+    "assets",
+    "HydraConfig",
+    "HydraForCausalLM",
+    "HydraGenerateOutput",
+    "SpeculationStats",
+    "context_speculative_generate",
+    "__version__",
+]

@@ -32,9 +32,9 @@ from .acceptance import (
     typical_accept,
 )
 from .cache_name import CACHE_NAME, cache_argument
-from .drafting import draft_tree
 from .heads import DraftHeads
 from .processors import check_processors_supported, next_token_scores, node_scores
+from .step_drafts import StepDrafter, check_sources
 from .tree import TreeBuffers
 from .verification import check_cache_supported, keep_accepted, verify_tree
 
@@ -46,6 +46,7 @@ class SpeculationStats:
     steps: int  # base verification forwards after the prefill
     new_tokens: int  # tokens generated, the prefill's first token included
     accepted_lengths: tuple[int, ...]  # tokens appended by each step (accepted drafts + bonus, cut at a stop)
+    context_tokens: int = 0  # accepted drafts that only the context candidates proposed (not the heads)
     phase_seconds: dict[str, float] = field(default_factory=dict, compare=False)  # wall time per phase, summed
 
     @property
@@ -91,7 +92,7 @@ class HydraGenerateOutput(GenerateDecoderOnlyOutput):
 @dataclass(frozen=True)
 class Prefill:
     logits: torch.Tensor  # (V,) the base's next-token logits after the prompt
-    context: torch.Tensor  # (d,) the heads' context vector at the last prompt position
+    context: torch.Tensor | None  # (d,) the heads' context vector at the last prompt position
 
 
 def check_request(
@@ -145,9 +146,14 @@ class Prompt:
 
 @torch.no_grad()
 def prefill(
-    base: PreTrainedModel, heads: DraftHeads, prompt: Prompt, cache: DynamicCache, context_cache: DynamicCache | None
+    base: PreTrainedModel,
+    heads: DraftHeads | None,
+    prompt: Prompt,
+    cache: DynamicCache,
+    context_cache: DynamicCache | None,
 ) -> Prefill:
-    """Run the base over the prompt, as plain decoding does; the cache then holds L entries."""
+    """Run the base over the prompt, as plain decoding does; the cache then holds L entries. Without heads
+    there is no context vector (None)."""
     ids = {"input_ids": prompt.input_ids} if prompt.inputs_embeds is None else {"inputs_embeds": prompt.inputs_embeds}
     out = base(
         **ids,
@@ -158,6 +164,8 @@ def prefill(
         output_hidden_states=True,
         logits_to_keep=1,
     )
+    if heads is None:
+        return Prefill(logits=out.logits[0, -1], context=None)
     hidden = out.hidden_states[-1]  # (1, L, d)
     positions = torch.arange(prompt.length, device=hidden.device)[None]  # (1, L)
     context = heads.encode_context(hidden, positions, context_cache)[0, -1]  # (d,)
@@ -205,26 +213,6 @@ def append_until_stop(
     return torch.cat([sequence, new_tokens[None]], dim=1), False
 
 
-class StepTrees:
-    """The tree each step verifies: the call's tree, cut to the depth the base's position scheme allows
-    after `past` cached tokens (`hf_hydra.support.PositionLimits`; near a learned position table's end or
-    around a dynamic / longrope RoPE's original length). Cut trees are made once per depth."""
-
-    def __init__(self, tree: TreeBuffers, limits: support.PositionLimits, position_offset: int) -> None:
-        self.tree = tree
-        self.limits = limits
-        self.position_offset = position_offset
-        self.cut: dict[int, TreeBuffers] = {}
-
-    def at(self, past: int) -> TreeBuffers:
-        depth = self.limits.max_depth(past + self.position_offset)
-        if depth is None or depth >= self.tree.max_depth:
-            return self.tree
-        if depth not in self.cut:
-            self.cut[depth] = self.tree.truncated(depth)
-        return self.cut[depth]
-
-
 def tree_speculative_generate(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -238,9 +226,12 @@ def tree_speculative_generate(
     posterior_threshold: float | None = None,
     posterior_alpha: float | None = None,
     generator: torch.Generator | None = None,
+    sources: str | None = None,
     **model_kwargs,
 ) -> torch.LongTensor | HydraGenerateOutput:
-    """`custom_generate` callable: tree speculative decoding of `model` (the base) with `heads`.
+    """`custom_generate` callable: tree speculative decoding of `model` (the base) with `heads` and / or
+    context candidates (`sources`: "heads", "context" or "heads+context", see `hf_hydra.step_drafts`;
+    default `generation_config.hydra_sources`, else "context" without heads).
 
     Greedy (`do_sample=False`): the same tokens as greedy `generate`. Sampling: `acceptance="lossless"`
     (default: `generation_config.hydra_acceptance`) samples exactly from the base's distribution after
@@ -252,8 +243,10 @@ def tree_speculative_generate(
     input_ids: (1, L). Returns (1, L + n) like `generate`, or a `HydraGenerateOutput` with
     `speculation` statistics when `return_dict_in_generate=True`.
     """
-    if heads is None or tree is None:
-        raise ValueError("tree_speculative_generate needs heads= and tree=; call HydraForCausalLM.generate.")
+    sources = sources or getattr(generation_config, "hydra_sources", None) or ("heads" if heads else "context")
+    check_sources(sources, heads)
+    if "heads" in sources and tree is None:
+        raise ValueError("tree_speculative_generate needs tree= with heads; call HydraForCausalLM.generate.")
     check_request(model, input_ids.shape[0], generation_config, logits_processor)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
@@ -265,9 +258,12 @@ def tree_speculative_generate(
         cache = DynamicCache(config=model.config)
     support.check_cache(cache, support.TREE)
     prompt = Prompt.from_generate(input_ids, model_kwargs)
-    steps = StepTrees(tree.to(input_ids.device), support.position_limits(model.config), prompt.position_offset)
-    embed_tokens = model.get_input_embeddings()
-    context_cache = heads.new_context_cache()
+    drafter = StepDrafter(
+        sources, heads, tree, model.get_input_embeddings(), support.position_limits(model.config),
+        prompt.position_offset, input_ids.device,
+    )  # fmt: skip
+    heads = drafter.heads  # None when the heads do not draft: no context vector to keep either
+    context_cache = heads.new_context_cache() if heads is not None else None
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
@@ -277,29 +273,35 @@ def tree_speculative_generate(
     check_cache_supported(cache)
     root = first_token(rule, next_token_scores(start.logits, input_ids, logits_processor), generator)
     sequence, finished = append_until_stop(input_ids, root[None], stopping_criteria)
+    drafter.observe(sequence[0].tolist(), [])
     context = start.context
     accepted_lengths: list[int] = []
+    context_tokens = 0
     if streamer is not None:
         streamer.put(root[None].cpu())
 
     while not finished:
         past = cache.get_seq_length()
-        step_tree = steps.at(past)
         with timer("draft"):
-            draft = draft_tree(heads, step_tree, context, root, embed_tokens)
+            draft = drafter.draft(past, context, root)
         with timer("verify"):
-            verified = verify_tree(model, cache, draft.tokens, step_tree, prompt.visible, prompt.position_offset)
+            verified = verify_tree(model, cache, draft.tokens, draft.tree, prompt.visible, prompt.position_offset)
         with timer("accept"):
-            accepted = accept(rule, draft.tokens, verified.logits, sequence, step_tree, logits_processor, generator)
+            accepted = accept(rule, draft.tokens, verified.logits, sequence, draft.tree, logits_processor, generator)
         with timer("commit"):
-            keep_accepted(cache, past, accepted.nodes, step_tree.num_tokens)
-            positions = (past + torch.arange(accepted.nodes.shape[0], device=input_ids.device))[None]  # (1, a)
-            context = heads.encode_context(verified.hidden[accepted.nodes][None], positions, context_cache)[0, -1]
+            keep_accepted(cache, past, accepted.nodes, draft.tree.num_tokens)
+            if heads is not None:
+                positions = (past + torch.arange(accepted.nodes.shape[0], device=input_ids.device))[None]  # (1, a)
+                context = heads.encode_context(verified.hidden[accepted.nodes][None], positions, context_cache)[0, -1]
             root = accepted.bonus_token
-            new_tokens = torch.cat([draft.tokens[accepted.nodes[1:]], root[None]])  # (a,)
+            drafts = draft.tokens[accepted.nodes[1:]]  # (a - 1,)
             before = sequence.shape[1]
-            sequence, finished = append_until_stop(sequence, new_tokens, stopping_criteria)
-            accepted_lengths.append(sequence.shape[1] - before)
+            sequence, finished = append_until_stop(sequence, torch.cat([drafts, root[None]]), stopping_criteria)
+            appended = sequence.shape[1] - before
+            accepted_lengths.append(appended)
+            if draft.from_context is not None:
+                context_tokens += int(draft.from_context[accepted.nodes[1 : 1 + appended]].sum())
+                drafter.observe(sequence[0, before:].tolist(), drafts.tolist())
             if streamer is not None:
                 streamer.put(sequence[0, before:].cpu())
 
@@ -309,8 +311,26 @@ def tree_speculative_generate(
         steps=len(accepted_lengths),
         new_tokens=sequence.shape[1] - input_ids.shape[1],
         accepted_lengths=tuple(accepted_lengths),
+        context_tokens=context_tokens,
         phase_seconds=timer.seconds,
     )
     if generation_config.return_dict_in_generate:
         return HydraGenerateOutput(sequences=sequence, speculation=stats)
     return sequence
+
+
+def context_speculative_generate(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    **kwargs,
+) -> torch.LongTensor | HydraGenerateOutput:
+    """`custom_generate` callable for any causal LM, without heads: the tree loop with context candidates
+    (continuations of the text's latest n-grams found earlier in it), e.g.
+    `model.generate(ids, custom_generate=context_speculative_generate)`. Exact like the heads' tree loop
+    (greedy: plain greedy's tokens; sampling: lossless acceptance)."""
+    return tree_speculative_generate(
+        model, input_ids, logits_processor, stopping_criteria, generation_config, sources="context", **kwargs
+    )

@@ -31,6 +31,7 @@ from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .heads import DraftHeads, build_heads
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackReport, bfloat16_supported, prepack_linear_layers
+from .step_drafts import DEFAULT_SOURCES
 from .support import ASSISTED, TREE, check_options, position_limits
 from .tree import TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
 
@@ -244,14 +245,19 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         penalty, and `acceptance="typical"` (`posterior_threshold`=0.09, `posterior_alpha`=0.3) is the
         papers' faster, not distribution-preserving rule; `generator=` a `torch.Generator` for the draws
         (else torch's global RNG). `tree` overrides the default tree of `generation_config.hydra_tree`,
-        and `return_dict_in_generate=True` adds `speculation` statistics (steps, tokens, tau).
+        and `return_dict_in_generate=True` adds `speculation` statistics (steps, tokens, tau). The heads'
+        tree is merged with candidates copied from earlier in the text (`sources="heads+context"`, default
+        `generation_config.hydra_sources`; "heads" drafts with the heads alone). "context" -> the tree
+        loop with context candidates only (no heads: prompt lookup, verified as a tree).
         "assisted" -> transformers' own assisted-decoding loop with the heads as a chain drafter
         (`HydraCandidateGenerator`; with sampling, transformers' lossless speculative sampling).
         """
         if speculative is False:
             return self.base_lm.generate(inputs, **kwargs)
-        if speculative not in (True, "tree", "assisted"):
-            raise ValueError(f"speculative must be False, True, 'tree' or 'assisted'; got {speculative!r}.")
+        if speculative not in (True, "tree", "context", "assisted"):
+            raise ValueError(
+                f"speculative must be False, True, 'tree', 'context' or 'assisted'; got {speculative!r}."
+            )
         # the generation config the running generate() fills unset fields from: the wrapper's or the base's
         defaults = self.generation_config if speculative == "assisted" else self.base_lm.generation_config
         check_options(kwargs, defaults, ASSISTED if speculative == "assisted" else TREE)
@@ -271,6 +277,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         decode = functools.partial(
             tree_speculative_generate, heads=self.heads, tree=self.tree_buffers(tree), streamer=streamer
         )
+        if speculative == "context":
+            kwargs["sources"] = "context"
         with _stop_strings_hidden(defaults, stop_strings_moved):
             return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
 
@@ -384,10 +392,12 @@ def _move_stop_strings_to_criteria(kwargs: dict, default_config: GenerationConfi
 
 
 def speculative_generation_config(base_config: GenerationConfig, config: HydraConfig) -> GenerationConfig:
-    """The base's generation defaults plus the speculation defaults (`hydra_tree`, `hydra_acceptance`)."""
+    """The base's generation defaults plus the speculation defaults (`hydra_tree`, `hydra_acceptance`,
+    `hydra_sources`)."""
     generation_config = copy.deepcopy(base_config)
     generation_config.hydra_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
     generation_config.hydra_acceptance = config.acceptance
+    generation_config.hydra_sources = DEFAULT_SOURCES
     generation_config._from_model_config = False  # else GenerationConfig drops hydra_* when loading it
     return generation_config
 
@@ -467,5 +477,6 @@ def _load_generation_config(
     default_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
     generation_config.hydra_tree = raw.get("hydra_tree") or default_tree
     generation_config.hydra_acceptance = raw.get("hydra_acceptance", config.acceptance)
+    generation_config.hydra_sources = raw.get("hydra_sources", DEFAULT_SOURCES)
     generation_config._from_model_config = False
     return generation_config

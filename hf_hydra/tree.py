@@ -8,6 +8,7 @@ Nothing here imports a model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -215,6 +216,62 @@ def _tree_level(paths: tuple[tuple[int, ...], ...], node_of: dict, depth: int) -
         ranks=torch.tensor([p[-1] for p in level_paths]),
         topk=max(p[-1] for p in level_paths) + 1,
     )
+
+
+def merge_token_paths(
+    tree: TreeBuffers, tokens: torch.Tensor, extra: Sequence[Sequence[int]]
+) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
+    """One tree from a drafted tree and more token paths below its root, merged by prefix (one node per
+    distinct token path): the heads' candidates and the context's, verified in one forward.
+
+    tree, tokens (T,): the drafted tree; extra: token paths to follow the root with. Returns the merged
+    buffers, their tokens (T',) and which nodes only `extra` proposed ((T',) bool). A node's children are
+    distinct tokens, the tree's own in their rank order first."""
+    token_list, parents = tokens.tolist(), tree.parents.tolist()
+    trie = _TokenTrie(token_list[0])
+    for node in range(1, len(token_list)):
+        trie.child(parents[node], token_list[node])
+    for path in extra:
+        node = 0
+        for token in path:
+            node = trie.child(node, token)
+    order = sorted(range(len(trie.tokens)), key=lambda node: (len(trie.rank_paths[node]), trie.rank_paths[node]))
+    merged = _merged_tree_buffers(tuple(trie.rank_paths[node] for node in order[1:]), str(tokens.device))
+    merged_tokens = torch.tensor([trie.tokens[node] for node in order], device=tokens.device)
+    from_extra = torch.tensor([node >= tree.num_tokens for node in order], device=tokens.device)
+    return merged, merged_tokens, from_extra
+
+
+class _TokenTrie:
+    """Nodes in insertion order: each one's token, and its path of child ranks (a tree spec path)."""
+
+    def __init__(self, root_token: int) -> None:
+        self.tokens = [root_token]
+        self.rank_paths: list[tuple[int, ...]] = [()]
+        self.children: list[dict[int, int]] = [{}]  # per node: token -> child node, ranks in insertion order
+
+    def child(self, parent: int, token: int) -> int:
+        """The node for `token` below `parent`, added when new."""
+        existing = self.children[parent].get(token)
+        if existing is not None:
+            return existing
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.rank_paths.append(self.rank_paths[parent] + (len(self.children[parent]),))
+        self.children[parent][token] = node
+        self.children.append({})
+        return node
+
+
+@functools.lru_cache(maxsize=256)
+def _merged_tree_buffers(paths: tuple[tuple[int, ...], ...], device: str) -> TreeBuffers:
+    """Merged trees repeat their shapes (the heads' tree plus a chain or two): built once per shape."""
+    return build_tree_buffers(paths, max(len(p) for p in paths)).to(device) if paths else root_only(device)
+
+
+def root_only(device: str | torch.device = "cpu") -> TreeBuffers:
+    """The tree of the root alone: a plain one-token step."""
+    return build_tree_buffers(((0,),), 1).truncated(0).to(device)
 
 
 def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

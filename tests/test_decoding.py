@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, StoppingCrite
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from hf_hydra import HydraForCausalLM, HydraGenerateOutput, SpeculationStats, decoding
+from hf_hydra import HydraForCausalLM, HydraGenerateOutput, SpeculationStats, step_drafts
 from hf_hydra.cache_name import CACHE_NAME, cache_argument
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma")
@@ -197,13 +197,13 @@ def test_heads_read_the_same_context_as_a_from_scratch_forward(tiny_model_factor
     it without a cache): the loop's incremental versions (accepted hidden states taken from the tree
     forward, the Hydra++ prefix-layer cache advanced by the accepted path) must match."""
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = decoding.draft_tree
+    original = step_drafts.draft_tree
 
     def recording_draft_tree(heads, tree, context, root_token, embed_tokens):
         calls.append((context.clone(), root_token.clone()))
         return original(heads, tree, context, root_token, embed_tokens)
 
-    monkeypatch.setattr(decoding, "draft_tree", recording_draft_tree)
+    monkeypatch.setattr(step_drafts, "draft_tree", recording_draft_tree)
     for head_arch in HEAD_ARCHS:
         model = _hydra(tiny_model_factory, "qwen2", head_arch)
         prompt = _prompts(SMALL_VOCAB, lengths=(6,))[0]

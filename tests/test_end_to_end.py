@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_hydra import HydraForCausalLM, assets
+from hf_hydra import HydraForCausalLM, assets, context_speculative_generate
 from hf_hydra.bench import first_divergence, spread_over_categories
 from hf_hydra.cli import chat_input_ids
 
@@ -63,16 +63,26 @@ def plain_outputs(base_model, prompts) -> list[torch.Tensor]:
 @pytest.mark.parametrize("head_arch", ["medusa", "hydra", "hydra++"])
 def test_shipped_heads_match_greedy_on_mt_bench(base_model, prompts, plain_outputs, head_arch):
     model = HydraForCausalLM.from_pretrained(assets.pretrained_heads_path(head_arch), base_model=base_model)
-    ties, taus = [], []
+    ties, taus, context_tokens = [], [], 0
     for input_ids, plain in zip(prompts, plain_outputs, strict=True):
         fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True, return_dict_in_generate=True)
         taus.append(fast.speculation.tau)
+        context_tokens += fast.speculation.context_tokens
         tie = assert_same_or_tie(base_model, plain, fast.sequences, input_ids.shape[1])
         if tie is not None:
             ties.append(tie)
     print(f"shipped {head_arch} heads, {len(prompts)} MT-Bench prompts x {NEW_TOKENS} tokens: mean tau "
-          f"{sum(taus) / len(taus):.2f}, {len(ties)} floating-point ties {ties}")
+          f"{sum(taus) / len(taus):.2f}, {context_tokens} drafts from the context, {len(ties)} floating-point ties "
+          f"{ties}")
     assert sum(taus) / len(taus) > 1.2  # trained heads: several tokens per base forward, not a random head's ~1.07
+    assert context_tokens > 0  # the default merges context candidates into the heads' tree
+
+
+def test_context_candidates_alone_match_greedy_on_mt_bench(base_model, prompts, plain_outputs):
+    """Any causal LM, no heads: `custom_generate=context_speculative_generate`."""
+    for input_ids, plain in zip(prompts, plain_outputs, strict=True):
+        fast = base_model.generate(input_ids, max_new_tokens=NEW_TOKENS, custom_generate=context_speculative_generate)
+        assert_same_or_tie(base_model, plain, fast, input_ids.shape[1])
 
 
 def test_shipped_heads_on_a_prepacked_base_match_stock_greedy(base_model, prompts, plain_outputs):

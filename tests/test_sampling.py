@@ -43,9 +43,13 @@ P_VALUE_FAIL = 1e-6
 WIDE_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [0, 0, 0]]
 
 DRAFT_VOCAB = "draft_vocab"  # heads projecting onto 5 of the 8 tokens: proposals with zeros outside them
-# name: (head_arch or DRAFT_VOCAB, speculative, tree, sampling options)
+# name: (head_arch or DRAFT_VOCAB, speculative, tree, sampling options). speculative True: the heads' tree
+# merged with context candidates (the default sources); "heads": the heads alone; "context": no heads.
 STAT_CASES: dict[str, tuple[str, bool | str, object, dict]] = {
     "temperature_1-wide_tree": ("hydra", True, WIDE_TREE, {}),
+    "heads_only-temperature_0.8-wide_tree": ("hydra", "heads", WIDE_TREE, {"temperature": 0.8}),
+    "merged-temperature_0.9-chain_2": ("hydra++", True, "chain-2", {"temperature": 0.9}),
+    "context_only-temperature_1.2-top_k_5": ("hydra", "context", None, {"temperature": 1.2, "top_k": 5}),
     "temperature_0.6-top_k_3-wide_tree": ("hydra++", True, WIDE_TREE, {"temperature": 0.6, "top_k": 3}),
     "temperature_1.4-top_p_0.85-cpu_small_11": ("medusa", True, "cpu_small_11", {"temperature": 1.4, "top_p": 0.85}),
     "repetition_penalty-min_p-chain": ("hydra", True, "chain-3", {"repetition_penalty": 1.5, "min_p": 0.05}),
@@ -91,13 +95,34 @@ def speculative_first_three(
     """(V, V, V) counts of the first three tokens of `samples` speculative sampling calls."""
     counts = torch.zeros(STAT_VOCAB, STAT_VOCAB, STAT_VOCAB)
     torch.manual_seed(seed)  # the assisted loop draws from the global RNG
-    options = {"generator": torch.Generator().manual_seed(seed), "tree": tree} if speculative is True else {}
+    options = _speculative_options(speculative, tree, seed)
     for _ in range(samples):
-        out = model.generate(
-            STAT_PROMPT, speculative=speculative, do_sample=True, max_new_tokens=3, **options, **sampling
-        )
+        out = model.generate(STAT_PROMPT, do_sample=True, max_new_tokens=3, **options, **sampling)
         counts[tuple(out[0, STAT_PROMPT.shape[1] :].tolist())] += 1
     return counts
+
+
+def _speculative_options(speculative: bool | str, tree: object, seed: int) -> dict:
+    if speculative == "assisted":
+        return {"speculative": "assisted"}
+    options = {"speculative": speculative, "generator": torch.Generator().manual_seed(seed)}
+    if speculative == "heads":
+        options |= {"speculative": True, "sources": "heads"}
+    return options | ({"tree": tree} if tree is not None else {})
+
+
+@pytest.mark.parametrize("speculative", [True, "context"])
+def test_context_candidates_are_accepted_in_the_statistical_setting(tiny_model_factory, speculative) -> None:
+    """The merged and context-only cases above do verify context candidates: some are accepted."""
+    model = _stat_model(tiny_model_factory, "hydra++")
+    options = _speculative_options(speculative, "chain-2" if speculative is True else None, seed=2)
+    accepted = 0
+    for _ in range(100):
+        out = model.generate(
+            STAT_PROMPT, do_sample=True, max_new_tokens=6, return_dict_in_generate=True, **options
+        )
+        accepted += out.speculation.context_tokens
+    assert accepted > 10
 
 
 def test_the_reference_is_plain_sampling(tiny_model_factory) -> None:
