@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__
-from .decoding import STEP_PHASES, SpeculationStats
+from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name
 from .tree import TreeSpec, resolve_tree
@@ -40,13 +40,16 @@ SCHEMA_VERSION = 1
 AUTOREGRESSIVE = "autoregressive"  # plain `generate` on the stock base: the reference of every speed-up
 AUTOREGRESSIVE_PREPACKED = "autoregressive_prepacked"  # plain `generate` on the prepacked base (with --prepack)
 PROMPT_LOOKUP = "prompt_lookup"
+CONTEXT = "context"  # the tree loop with context candidates only (no heads): `context_speculative_generate`
 ASSISTED = "hydra_assisted"  # the chain candidate generator in transformers' assisted loop
 # Tree decoding with a set of heads, named by a label: the head architectures by default, any label
 # (e.g. "hydra-lm" for an ablation) when several heads sets are compared.
 TREE_METHODS = ("medusa", "hydra", "hydra++")
-ALL_METHODS = (AUTOREGRESSIVE, PROMPT_LOOKUP, ASSISTED, *TREE_METHODS)
+ALL_METHODS = (AUTOREGRESSIVE, PROMPT_LOOKUP, CONTEXT, ASSISTED, *TREE_METHODS)
 PROMPT_LOOKUP_TOKENS = 10
 TYPICAL_SUFFIX = "-typical"  # "<label>-typical": tree decoding with those heads and typical acceptance
+# "<label>-heads": the heads' tree alone, without context candidates (a "<label>" method merges both)
+HEADS_ONLY_SUFFIX = "-heads"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class PromptResult:
     identical: bool | None  # greedy: output equals autoregressive greedy token for token (None when sampling)
     divergence_gap: float | None  # when not identical: base top-2 logit gap at the first differing token
     log_likelihood: float | None = None  # sampling: mean log-prob per new token under base logits / temperature
+    context_tokens: int | None = None  # accepted drafts only the context candidates proposed (tree methods)
 
     @property
     def tau(self) -> float | None:
@@ -84,6 +88,7 @@ class MethodSummary:
     acceptance_by_depth: list[float] = field(default_factory=list)  # P(draft at depth k accepted), tree methods
     step_time_shares: dict[str, float] = field(default_factory=dict)  # draft/verify/accept/commit share of steps
     mean_log_likelihood: float | None = None  # sampling: mean over prompts of the per-token log-likelihood
+    context_share: float | None = None  # share of the accepted drafts that only the context proposed
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,9 @@ def method_runners(
     prepacked_base: PreTrainedModel | None = None,
 ) -> dict[str, Runner]:
     """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method;
-    a method named like a key of `heads` is tree decoding with those heads (lossless acceptance when
-    sampling), `<label>-typical` the same heads with typical acceptance (sampling only).
+    a method named like a key of `heads` is tree decoding with those heads merged with context candidates
+    (lossless acceptance when sampling), `<label>-heads` the heads' tree alone, `<label>-typical` the merged
+    tree with typical acceptance (sampling only).
 
     prepacked_base: the base with prepacked linear layers (`hf_hydra.prepack`), on which the heads sit;
     prompt lookup and `autoregressive_prepacked` then run on it too, `autoregressive` stays on `base`."""
@@ -144,8 +150,8 @@ def method_runners(
     unknown = [m for m in methods if m not in known and _heads_label(m, temperature) not in heads]
     if unknown:
         raise ValueError(
-            f"Unknown methods {unknown}; choose among {known}, the labels of --heads and, when sampling, "
-            f"'<label>{TYPICAL_SUFFIX}'."
+            f"Unknown methods {unknown}; choose among {known}, the labels of --heads, '<label>{HEADS_ONLY_SUFFIX}' "
+            f"and, when sampling, '<label>{TYPICAL_SUFFIX}'."
         )
     missing = [m for m in methods if m in TREE_METHODS and m not in heads]
     if ASSISTED in methods and not heads:
@@ -164,6 +170,8 @@ def method_runners(
                 fast_base.generate(ids, max_new_tokens=n, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **options),
                 None,
             )
+        elif method == CONTEXT:
+            runners[method] = _tree_runner(fast_base, {**options, "custom_generate": context_speculative_generate})
         elif method == ASSISTED:
             assisted_model = heads.get("hydra") or next(iter(heads.values()))
             runners[method] = lambda ids, n, m=assisted_model: (
@@ -171,9 +179,12 @@ def method_runners(
                 None,
             )
         elif method in heads:
-            runners[method] = _tree_runner(heads[method], options)
+            runners[method] = _tree_runner(heads[method], {**options, "speculative": True})
+        elif method.endswith(HEADS_ONLY_SUFFIX):
+            heads_only = {**options, "speculative": True, "sources": "heads"}
+            runners[method] = _tree_runner(heads[_heads_label(method, temperature)], heads_only)
         else:
-            typical = {**options, "acceptance": "typical"}
+            typical = {**options, "speculative": True, "acceptance": "typical"}
             runners[method] = _tree_runner(heads[_heads_label(method, temperature)], typical)
     return runners
 
@@ -186,17 +197,17 @@ def use_tree(heads: dict[str, HydraForCausalLM], tree: TreeSpec) -> None:
 
 
 def _heads_label(method: str, temperature: float | None) -> str:
-    """The heads a method runs with: its name, or its name without `-typical` when sampling."""
+    """The heads a method runs with: its name, without `-heads`, or without `-typical` when sampling."""
     if temperature is not None and method.endswith(TYPICAL_SUFFIX):
         return method.removesuffix(TYPICAL_SUFFIX)
-    return method
+    return method.removesuffix(HEADS_ONLY_SUFFIX)
 
 
-def _tree_runner(model: HydraForCausalLM, options: dict) -> Runner:
+def _tree_runner(model: PreTrainedModel, options: dict) -> Runner:
+    """Tree decoding: `model.generate` with `options` (a speculative mode, or a custom_generate function)."""
+
     def run(input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, SpeculationStats]:
-        out = model.generate(
-            input_ids, max_new_tokens=max_new_tokens, speculative=True, return_dict_in_generate=True, **options
-        )
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **options)
         return out.sequences, out.speculation
 
     return run
@@ -381,6 +392,7 @@ def _bench_prompt(
                 identical=None if temperature is not None else divergence is None,
                 divergence_gap=None if divergence is None else divergence.gap,
                 log_likelihood=log_likelihood,
+                context_tokens=stats.context_tokens if stats is not None else None,
             )
         )
     return results
@@ -413,9 +425,17 @@ def summarize(
                 acceptance_by_depth=acceptance_by_depth(accepted, tree_depths.get(method, 0)),
                 step_time_shares=step_time_shares([r.phase_seconds for r in rows if r.phase_seconds]),
                 mean_log_likelihood=_mean([r.log_likelihood for r in rows if r.log_likelihood is not None]),
+                context_share=_context_share(rows),
             )
         )
     return summaries
+
+
+def _context_share(rows: Sequence[PromptResult]) -> float | None:
+    """Accepted drafts only the context proposed / all accepted drafts (tree methods)."""
+    tree_rows = [r for r in rows if r.context_tokens is not None and r.accepted_lengths]
+    drafts = sum(sum(r.accepted_lengths) - len(r.accepted_lengths) for r in tree_rows)
+    return sum(r.context_tokens for r in tree_rows) / drafts if drafts > 0 else None
 
 
 def _seconds_per_token(result: PromptResult) -> float:
@@ -476,17 +496,19 @@ def markdown_table(report: dict) -> str:
         f"{machine['torch_threads']} threads{_shards_text(settings)}), torch {machine['torch']}, "
         f"transformers {machine['transformers']}.{_prepacked_text(settings)}",
         "",
-        f"| method | tau | tokens/s | speed-up (median) | speed-up (overall) | {quality} | drafting + bookkeeping |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | tau | tokens/s | speed-up (median) | speed-up (overall) | {quality} | drafting + bookkeeping "
+        "| drafts from context |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         tau = f"{s['tau']:.2f}" if s["tau"] is not None else "-"
         shares = s.get("step_time_shares")
         overhead = f"{1 - shares['verify']:.0%} of a step" if shares else "-"
         check = s["mismatches"] if temperature is None else f"{s['mean_log_likelihood']:.3f}"
+        context = f"{s['context_share']:.0%}" if s.get("context_share") is not None else "-"
         lines.append(
             f"| {s['method']} | {tau} | {s['tokens_per_second']:.1f} | {s['speedup_median']:.2f}x "
-            f"| {s['speedup_total']:.2f}x | {check} | {overhead} |"
+            f"| {s['speedup_total']:.2f}x | {check} | {overhead} | {context} |"
         )
     return "\n".join(lines) + "\n"
 

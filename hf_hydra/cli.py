@@ -204,7 +204,9 @@ def run_bench(args: argparse.Namespace) -> int:
     typical = [label + bench.TYPICAL_SUFFIX for label in heads] if args.temperature is not None else []
     prepacked = [bench.AUTOREGRESSIVE_PREPACKED] if args.prepack else []
     peers = [m for m in bench.ALL_METHODS if m not in (bench.AUTOREGRESSIVE, *bench.TREE_METHODS)]
-    methods = args.methods.split(",") if args.methods else [bench.AUTOREGRESSIVE, *prepacked, *peers, *heads, *typical]
+    heads_only = [label + bench.HEADS_ONLY_SUFFIX for label in heads]
+    default_methods = [bench.AUTOREGRESSIVE, *prepacked, *peers, *heads, *heads_only, *typical]
+    methods = args.methods.split(",") if args.methods else default_methods
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
     questions = bench.spread_over_categories(assets.mt_bench_questions(), args.limit)

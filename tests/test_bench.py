@@ -50,8 +50,10 @@ def test_report_schema_and_lossless_methods(report):
         assert row["new_tokens"] == NEW_TOKENS  # no eos in the tiny model: every method runs to the limit
         assert row["identical"] and row["divergence_gap"] is None
         assert row["seconds"] > 0
-        assert (row["accepted_lengths"] is not None) == (row["method"] in bench.TREE_METHODS)
+        tree_loop = row["method"] in (*bench.TREE_METHODS, bench.CONTEXT)
+        assert (row["accepted_lengths"] is not None) == tree_loop == (row["context_tokens"] is not None)
     summary = {s["method"]: s for s in report["summary"]}
+    assert summary[bench.CONTEXT]["mismatches"] == 0 and summary[bench.CONTEXT]["tau"] >= 1.0
     assert summary[bench.AUTOREGRESSIVE]["speedup_median"] == 1.0
     for method in bench.TREE_METHODS:
         assert summary[method]["tau"] >= 1.0
