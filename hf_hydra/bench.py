@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__
+from .bench_table import AUTOREGRESSIVE, markdown_table
 from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name
 from .tree import TreeSpec, resolve_tree
 
 SCHEMA_VERSION = 1
-AUTOREGRESSIVE = "autoregressive"  # plain `generate` on the stock base: the reference of every speed-up
 AUTOREGRESSIVE_PREPACKED = "autoregressive_prepacked"  # plain `generate` on the prepacked base (with --prepack)
 PROMPT_LOOKUP = "prompt_lookup"
 CONTEXT = "context"  # the tree loop with context candidates only (no heads): `context_speculative_generate`
@@ -68,6 +68,7 @@ class PromptResult:
     divergence_gap: float | None  # when not identical: base top-2 logit gap at the first differing token
     log_likelihood: float | None = None  # sampling: mean log-prob per new token under base logits / temperature
     context_tokens: int | None = None  # accepted drafts only the context candidates proposed (tree methods)
+    accepted_drafts: int | None = None  # accepted drafts, whatever proposed them (tree methods)
 
     @property
     def tau(self) -> float | None:
@@ -393,6 +394,7 @@ def _bench_prompt(
                 divergence_gap=None if divergence is None else divergence.gap,
                 log_likelihood=log_likelihood,
                 context_tokens=stats.context_tokens if stats is not None else None,
+                accepted_drafts=stats.accepted_drafts if stats is not None else None,
             )
         )
     return results
@@ -433,8 +435,8 @@ def summarize(
 
 def _context_share(rows: Sequence[PromptResult]) -> float | None:
     """Accepted drafts only the context proposed / all accepted drafts (tree methods)."""
-    tree_rows = [r for r in rows if r.context_tokens is not None and r.accepted_lengths]
-    drafts = sum(sum(r.accepted_lengths) - len(r.accepted_lengths) for r in tree_rows)
+    tree_rows = [r for r in rows if r.context_tokens is not None and r.accepted_drafts is not None]
+    drafts = sum(r.accepted_drafts for r in tree_rows)
     return sum(r.context_tokens for r in tree_rows) / drafts if drafts > 0 else None
 
 
@@ -482,57 +484,6 @@ def cpu_model_name() -> str | None:
             if line.startswith("model name"):
                 return line.partition(":")[2].strip()
     return None
-
-
-def markdown_table(report: dict) -> str:
-    """The summary of a bench JSON as a Markdown table (what README and model cards show)."""
-    settings, machine = report["settings"], report["machine"]
-    temperature = settings.get("temperature")
-    decoding = "greedy" if temperature is None else f"sampling at temperature {temperature}"
-    quality = "mismatches" if temperature is None else "log-likelihood / token"
-    lines = [
-        f"MT-Bench turn {settings['turn']}, {settings['num_prompts']} prompts, {decoding}, "
-        f"{settings['max_new_tokens']} new tokens; {machine['device']} ({_processor_text(machine)}, "
-        f"{machine['torch_threads']} threads{_shards_text(settings)}), torch {machine['torch']}, "
-        f"transformers {machine['transformers']}.{_prepacked_text(settings)}",
-        "",
-        f"| method | tau | tokens/s | speed-up (median) | speed-up (overall) | {quality} | drafting + bookkeeping "
-        "| drafts from context |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for s in report["summary"]:
-        tau = f"{s['tau']:.2f}" if s["tau"] is not None else "-"
-        shares = s.get("step_time_shares")
-        overhead = f"{1 - shares['verify']:.0%} of a step" if shares else "-"
-        check = s["mismatches"] if temperature is None else f"{s['mean_log_likelihood']:.3f}"
-        context = f"{s['context_share']:.0%}" if s.get("context_share") is not None else "-"
-        lines.append(
-            f"| {s['method']} | {tau} | {s['tokens_per_second']:.1f} | {s['speedup_median']:.2f}x "
-            f"| {s['speedup_total']:.2f}x | {check} | {overhead} | {context} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _processor_text(machine: dict) -> str:
-    cpu = machine.get("cpu")  # absent from reports written before it was recorded
-    cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
-    return f"{cpu} {machine['processor']}{cores}" if cpu else machine["processor"]
-
-
-def _prepacked_text(settings: dict) -> str:
-    if not settings.get("prepacked"):
-        return ""
-    dtypes = sorted({dtype for dtype in (settings.get("heads_prepacked") or {}).values() if dtype})
-    heads = f", the heads' computing in {' / '.join(dtypes)}" if dtypes else ""
-    return (
-        f" Every method but `{AUTOREGRESSIVE}` (plain `generate`, stock kernels: the reference) runs on the base "
-        f"with oneDNN-prepacked linear layers (`--prepack`){heads}."
-    )
-
-
-def _shards_text(settings: dict) -> str:
-    shards = settings.get("shards") or 1
-    return f" per process, {shards} processes side by side" if shards > 1 else ""
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """The tree decoding loop, run by transformers' `generate(custom_generate=...)`.
 
-    prefill : base forward over the prompt -> first token, context vector
-    repeat  : draft (heads -> tree) -> verify (one base forward) -> score (logits processors per node)
+    prefill : base forward over the prompt -> first token, the heads' context vector
+    repeat  : draft (heads' tree + context candidates -> one tree, `step_drafts`) -> verify (one base
+              forward) -> score (logits processors per node)
               -> accept (greedy / lossless / typical: a path + bonus)
               -> commit (compact the KV cache, advance the heads' context, stream, check stopping)
 
@@ -46,7 +47,8 @@ class SpeculationStats:
     steps: int  # base verification forwards after the prefill
     new_tokens: int  # tokens generated, the prefill's first token included
     accepted_lengths: tuple[int, ...]  # tokens appended by each step (accepted drafts + bonus, cut at a stop)
-    context_tokens: int = 0  # accepted drafts that only the context candidates proposed (not the heads)
+    accepted_drafts: int = 0  # drafted tokens accepted and appended (the new tokens but the bonus ones)
+    context_tokens: int = 0  # of those, the ones only the context candidates proposed (not the heads)
     phase_seconds: dict[str, float] = field(default_factory=dict, compare=False)  # wall time per phase, summed
 
     @property
@@ -274,16 +276,16 @@ def tree_speculative_generate(
     root = first_token(rule, next_token_scores(start.logits, input_ids, logits_processor), generator)
     sequence, finished = append_until_stop(input_ids, root[None], stopping_criteria)
     drafter.observe(sequence[0].tolist(), [])
-    context = start.context
+    heads_context = start.context  # (d,) the heads' context vector (None without heads)
     accepted_lengths: list[int] = []
-    context_tokens = 0
+    accepted_drafts = context_tokens = 0
     if streamer is not None:
         streamer.put(root[None].cpu())
 
     while not finished:
         past = cache.get_seq_length()
         with timer("draft"):
-            draft = drafter.draft(past, context, root)
+            draft = drafter.draft(past, heads_context, root)
         with timer("verify"):
             verified = verify_tree(model, cache, draft.tokens, draft.tree, prompt.visible, prompt.position_offset)
         with timer("accept"):
@@ -292,13 +294,15 @@ def tree_speculative_generate(
             keep_accepted(cache, past, accepted.nodes, draft.tree.num_tokens)
             if heads is not None:
                 positions = (past + torch.arange(accepted.nodes.shape[0], device=input_ids.device))[None]  # (1, a)
-                context = heads.encode_context(verified.hidden[accepted.nodes][None], positions, context_cache)[0, -1]
+                hidden = verified.hidden[accepted.nodes][None]  # (1, a, d)
+                heads_context = heads.encode_context(hidden, positions, context_cache)[0, -1]
             root = accepted.bonus_token
             drafts = draft.tokens[accepted.nodes[1:]]  # (a - 1,)
             before = sequence.shape[1]
             sequence, finished = append_until_stop(sequence, torch.cat([drafts, root[None]]), stopping_criteria)
             appended = sequence.shape[1] - before
             accepted_lengths.append(appended)
+            accepted_drafts += min(appended, drafts.shape[0])  # a stop may cut the step before its bonus
             if draft.from_context is not None:
                 context_tokens += int(draft.from_context[accepted.nodes[1 : 1 + appended]].sum())
                 drafter.observe(sequence[0, before:].tolist(), drafts.tolist())
@@ -311,6 +315,7 @@ def tree_speculative_generate(
         steps=len(accepted_lengths),
         new_tokens=sequence.shape[1] - input_ids.shape[1],
         accepted_lengths=tuple(accepted_lengths),
+        accepted_drafts=accepted_drafts,
         context_tokens=context_tokens,
         phase_seconds=timer.seconds,
     )

@@ -74,6 +74,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
+from .bench_table import markdown_table
 from .configuration_hydra import HydraConfig
 from .training.features import PREPARATION_FILE  # copied by `hf-hydra train` from the feature folder
 from .tree import resolve_tree
@@ -369,8 +370,6 @@ def _benchmark_section(report: Any, arch: str) -> str:
     if report is None:
         return "Not measured yet: run `hf-hydra bench` and push again with `--benchmark bench.json`."
     _check_benchmark(report, Path(BENCHMARK_NAME))
-    from .bench import markdown_table  # bench imports the model, which imports this module
-
     return (
         markdown_table(report)
         + "\ntau = tokens appended per base forward, bonus token included; speed-up against plain greedy "

@@ -54,6 +54,7 @@ def test_report_schema_and_lossless_methods(report):
         assert (row["accepted_lengths"] is not None) == tree_loop == (row["context_tokens"] is not None)
     summary = {s["method"]: s for s in report["summary"]}
     assert summary[bench.CONTEXT]["mismatches"] == 0 and summary[bench.CONTEXT]["tau"] >= 1.0
+    assert summary[bench.CONTEXT]["context_share"] in (None, 1.0)  # every accepted draft of it is a copy
     assert summary[bench.AUTOREGRESSIVE]["speedup_median"] == 1.0
     for method in bench.TREE_METHODS:
         assert summary[method]["tau"] >= 1.0
