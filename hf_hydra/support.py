@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from transformers import DynamicCache, GenerationConfig, PretrainedConfig
 from transformers.generation.configuration_utils import GenerationMode
 
+from .attention import PACKED_GQA_ATTENTION
+
 TREE = "speculative=True"
 ASSISTED = "speculative='assisted'"
 BOTH = (TREE, ASSISTED)
 # attention implementations that take the tree's 4D additive mask as transformers defines it
-TREE_ATTENTION_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "sdpa_packed_gqa"})
+TREE_ATTENTION_IMPLEMENTATIONS = frozenset({"eager", "sdpa", PACKED_GQA_ATTENTION})
 ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})
 SPECULATIVE_MODES = frozenset({GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE})
 OTHER_DRAFTERS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")

@@ -88,6 +88,9 @@ def _check_stats(out: HydraGenerateOutput, prompt: torch.Tensor) -> None:
     assert stats.steps == len(stats.accepted_lengths)
     assert sum(stats.accepted_lengths) + 1 == stats.new_tokens  # the prefill makes the first token
     assert all(n >= 1 for n in stats.accepted_lengths)
+    # every step appends its accepted drafts and a bonus token, except a last step cut inside its drafts
+    drafts = sum(stats.accepted_lengths) - stats.steps
+    assert drafts <= stats.accepted_drafts <= drafts + 1 and 0 <= stats.context_tokens <= stats.accepted_drafts
     if stats.steps:
         assert stats.tau >= 1.0
         assert stats.tau == pytest.approx(sum(stats.accepted_lengths) / stats.steps)

@@ -147,6 +147,18 @@ def test_position_limits_cut_steps_at_the_table_end_and_around_the_original_leng
     assert support.PositionLimits().max_depth(10_000) is None
 
 
+def test_position_schemes_are_read_from_the_config(tiny_model_factory) -> None:
+    assert support.position_limits(ABSOLUTE["gpt2"]()) == support.PositionLimits(table_size=TABLE_SIZE)
+    assert support.position_limits(ABSOLUTE["opt"]()) == support.PositionLimits(table_size=TABLE_SIZE)
+    for alibi in ALIBI.values():  # no position table: ALiBi has no length limit
+        assert support.position_limits(alibi()) == support.PositionLimits()
+    assert support.position_limits(tiny_model_factory("llama").config) == support.PositionLimits()
+    dynamic = tiny_model_factory("llama", max_position_embeddings=12, rope_parameters=ROPE["dynamic"]).config
+    assert support.position_limits(dynamic) == support.PositionLimits(rope_type="dynamic", original_length=12)
+    longrope = tiny_model_factory("llama", max_position_embeddings=48, rope_parameters=ROPE["longrope"]).config
+    assert support.position_limits(longrope) == support.PositionLimits(rope_type="longrope", original_length=12)
+
+
 def test_a_tree_cut_to_a_depth_keeps_its_first_nodes() -> None:
     tree = build_tree_buffers("cpu_small_11", NUM_HEADS)
     root_only = tree.truncated(0)
