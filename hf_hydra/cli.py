@@ -287,7 +287,11 @@ def run_tune_tree(args: argparse.Namespace) -> int:
         "heads_prepacked": dtype_name(model.heads.prepacked_dtype),
         **dataclasses.asdict(report),
     }
-    (Path(args.heads) / hub.TREE_TUNING_NAME).write_text(json.dumps(record, indent=1))
+    previous = Path(args.heads) / hub.TREE_TUNING_NAME
+    if previous.is_file():  # the heads' calibration (`hf-hydra calibrate`) stays theirs
+        kept = json.loads(previous.read_text())
+        record |= {key: kept[key] for key in ("calibration", "calibration_command") if key in kept}
+    previous.write_text(json.dumps(record, indent=1))
     model.config.save_pretrained(args.heads)  # the weights stay as they were saved (dtype included)
     model.generation_config.save_pretrained(args.heads)
     hub.write_model_card(args.heads)  # the card shows the tuning's prediction
@@ -304,6 +308,31 @@ def _held_out_rank_accuracy(model: HydraForCausalLM, args: argparse.Namespace) -
     store = FeatureStore(args.features)
     _, held_out = split_sequences(len(store), args.validation_fraction, args.seed)
     return measure_rank_accuracy(model, store, held_out[: args.max_sequences])
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from . import hub
+    from .training.features import FeatureStore
+    from .tree_tuning import measure_calibration
+
+    model = HydraForCausalLM.from_pretrained(args.heads).eval()
+    store = FeatureStore(args.features)
+    calibration = measure_calibration(model, store, range(min(len(store), args.max_sequences)))
+    path = Path(args.heads) / hub.TREE_TUNING_NAME
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record["calibration"] = calibration.to_record()
+    record["calibration_command"] = shlex.join(
+        ["hf-hydra", "calibrate", "--heads", "heads/", "--features", args.features, "--max-sequences",
+         str(args.max_sequences)]
+    )
+    path.write_text(json.dumps(record, indent=1))
+    for head, rates in enumerate(calibration.rates):
+        pairs = ", ".join(f"{edge:g}: {rate:.2f}" for edge, rate in zip(calibration.edges, rates, strict=False))
+        print(f"head {head}: accepted share by probability bin (from) {pairs}")
+    print(f"calibration stored in {path}; tree=\"dynamic\" uses it")
+    return 0
 
 
 def _tune_tree_command(args: argparse.Namespace) -> str:
@@ -456,6 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-tokens", type=int, default=32, help="largest tree (+ root) whose latency is measured")
     tune.add_argument("--prepack", action="store_true", help=PREPACK_HELP + " (latencies measured with them)")
     tune.set_defaults(func=run_tune_tree)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="measure how often the heads' candidates are accepted at each probability (dynamic trees)"
+    )
+    calibrate.add_argument("--heads", required=True, help="folder of trained heads (tree_tuning.json gains it)")
+    calibrate.add_argument(
+        "--features", required=True, help="feature folder of text the heads did not train on (`hf-hydra prepare`)"
+    )
+    calibrate.add_argument("--max-sequences", type=int, default=200, help="sequences of --features measured")
+    calibrate.set_defaults(func=run_calibrate)
 
     push = commands.add_parser("push", help="upload saved heads (heads only) with their model card to the Hub")
     push.add_argument("folder", help="folder written by save_pretrained / `hf-hydra train` / `hf-hydra convert`")

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ContextCandidate:
-    """Tokens to follow the root with, found after an earlier occurrence of the last `match_length` tokens."""
+    """Tokens to follow the root with, found after an earlier occurrence of the last `match_length` tokens;
+    probabilities[j]: the estimated chance that tokens[: j + 1] are all accepted (empty before scoring)."""
 
     tokens: tuple[int, ...]
     match_length: int
+    probabilities: tuple[float, ...] = ()
 
 
 class SuffixIndex:
@@ -110,19 +112,33 @@ class ContextDrafter:
     def extend(self, tokens: list[int]) -> None:
         self.index.extend(tokens)
 
-    def candidates(self) -> list[ContextCandidate]:
+    def candidates(self, min_probability: float | None = None) -> list[ContextCandidate]:
         """This step's candidates, each cut where its estimated chance of acceptance drops below
-        `min_probability` (the sequence so far ends with the root)."""
+        `min_probability` (default: the drafter's; the sequence so far ends with the root). They count as
+        proposed unless `verified` says otherwise."""
+        floor = self.min_probability if min_probability is None else min_probability
         chosen = []
         for candidate in self.index.continuations(self.max_length, self.max_candidates):
-            rate, probability, keep = self.rates.rate(candidate.match_length), 1.0, 0
-            while keep < len(candidate.tokens) and probability * rate >= self.min_probability:
+            rate, probability, probabilities = self.rates.rate(candidate.match_length), 1.0, []
+            for _ in candidate.tokens:
                 probability *= rate
-                keep += 1
-            if keep:
-                chosen.append(ContextCandidate(candidate.tokens[:keep], candidate.match_length))
+                if probability < floor:
+                    break
+                probabilities.append(probability)
+            if probabilities:
+                kept = candidate.tokens[: len(probabilities)]
+                chosen.append(ContextCandidate(kept, candidate.match_length, tuple(probabilities)))
         self.proposed = chosen
         return chosen
+
+    def verified(self, lengths: list[int]) -> None:
+        """How many leading tokens of each of this step's candidates the step verifies (a dynamic tree may
+        leave some out): only those count as proposed."""
+        self.proposed = [
+            ContextCandidate(candidate.tokens[:length], candidate.match_length, candidate.probabilities[:length])
+            for candidate, length in zip(self.proposed, lengths, strict=True)
+            if length
+        ]
 
     def record(self, accepted_tokens: list[int]) -> None:
         """Update the rates from the drafts accepted after this step's root."""

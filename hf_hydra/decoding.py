@@ -33,6 +33,7 @@ from .acceptance import (
     typical_accept,
 )
 from .cache_name import CACHE_NAME, cache_argument
+from .dynamic_tree import DynamicTreePolicy
 from .heads import DraftHeads
 from .processors import check_processors_supported, next_token_scores, node_scores
 from .step_drafts import StepDrafter, check_sources
@@ -222,7 +223,7 @@ def tree_speculative_generate(
     stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
     heads: DraftHeads | None = None,
-    tree: TreeBuffers | None = None,
+    tree: TreeBuffers | DynamicTreePolicy | None = None,
     streamer: BaseStreamer | None = None,
     acceptance: str | None = None,
     posterior_threshold: float | None = None,

@@ -29,6 +29,7 @@ from .attention import use_packed_gqa_attention
 from .cache_name import CACHE_NAME, cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
+from .dynamic_tree import DYNAMIC_TREE, DynamicTreePolicy, HeadCalibration
 from .heads import DraftHeads, build_heads
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackReport, bfloat16_supported, prepack_linear_layers
 from .step_drafts import DEFAULT_SOURCES
@@ -70,6 +71,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         # Attached after post_init, and not named `base_model` (a PreTrainedModel property).
         self.base_lm = base_model
         self.base_lm.requires_grad_(False)
+        # The policy of `tree="dynamic"`: the heads' calibration and the verification curve of `tune-tree`.
+        self.dynamic_tree: DynamicTreePolicy | None = None
         use_packed_gqa_attention(base_model)  # sdpa without copying the KV cache in tree verification (exact)
         # One GenerationConfig object for the wrapper and the base: every mode reads the same defaults.
         self.generation_config = base_model.generation_config = speculative_generation_config(
@@ -158,6 +161,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         model.generation_config = base_model.generation_config = _load_generation_config(
             source, hub_kwargs, base_model, config
         )
+        model.dynamic_tree = _load_dynamic_tree(source, hub_kwargs)
         return model.eval()
 
     def save_pretrained(
@@ -274,9 +278,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
                 return super().generate(inputs, custom_generate=decode, **self._assisted_cache(kwargs), **kwargs)
         if tree is None:
             tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
-        decode = functools.partial(
-            tree_speculative_generate, heads=self.heads, tree=self.tree_buffers(tree), streamer=streamer
-        )
+        drafted = self._dynamic_tree_policy() if tree == DYNAMIC_TREE else self.tree_buffers(tree)
+        decode = functools.partial(tree_speculative_generate, heads=self.heads, tree=drafted, streamer=streamer)
         if speculative == "context":
             kwargs["sources"] = "context"
         with _stop_strings_hidden(defaults, stop_strings_moved):
@@ -318,6 +321,15 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             vocab_size=self.config.base_vocab_size,
             position_limits=position_limits(self.base_lm.config),
         )
+
+    def _dynamic_tree_policy(self) -> DynamicTreePolicy:
+        if self.dynamic_tree is None:
+            raise ValueError(
+                'tree="dynamic" needs the verification cost curve of `hf-hydra tune-tree` beside the heads '
+                f"({hub.TREE_TUNING_NAME}); run it on the heads' folder, or set model.dynamic_tree, or pass a "
+                "static tree such as tree=\"cpu_small_11\"."
+            )
+        return self.dynamic_tree
 
     def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
         """Validated buffers of a tree for these heads (cached per tree)."""
@@ -432,6 +444,16 @@ def _load_base(config: HydraConfig, hub_kwargs: dict, **kwargs) -> PreTrainedMod
         revision=config.base_model_revision,
         **kwargs,
     )
+
+
+def _load_dynamic_tree(source: str, hub_kwargs: dict) -> DynamicTreePolicy | None:
+    """The dynamic tree's policy from the heads' tree_tuning.json (None without one, or without a curve)."""
+    path = cached_file(source, hub.TREE_TUNING_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    record = json.loads(Path(path).read_text()) if path is not None else {}
+    if len(record.get("verify_seconds") or ()) < 2:
+        return None
+    calibration = HeadCalibration.from_record(record.get("calibration"))
+    return DynamicTreePolicy.from_tuning(record["verify_seconds"], calibration)
 
 
 def _load_heads_state(source: str, hub_kwargs: dict) -> dict[str, torch.Tensor]:

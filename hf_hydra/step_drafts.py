@@ -16,6 +16,7 @@ from torch import nn
 
 from .context import ContextDrafter
 from .drafting import draft_tree
+from .dynamic_tree import DynamicTreePolicy, ScoredNodes, add_context_paths, expand_heads
 from .heads import DraftHeads
 from .support import PositionLimits
 from .tree import TreeBuffers, merge_token_paths, root_only
@@ -43,21 +44,24 @@ class StepDraft:
 class StepDrafter:
     """Drafts each step's tree from the sources of one call.
 
-    tree: the heads' tree (ignored without heads); limits, position_offset: the base's position scheme and
-    where cache row 0 sits (`hf_hydra.support`). Cut trees are made once per depth."""
+    tree: the heads' static tree, or the policy of a dynamic one (`hf_hydra.dynamic_tree`), ignored without
+    heads; limits, position_offset: the base's position scheme and where cache row 0 sits
+    (`hf_hydra.support`). Cut static trees are made once per depth."""
 
     def __init__(
         self,
         sources: str,
         heads: DraftHeads | None,
-        tree: TreeBuffers | None,
+        tree: TreeBuffers | DynamicTreePolicy | None,
         embed_tokens: nn.Embedding,
         limits: PositionLimits,
         position_offset: int,
         device: torch.device,
     ) -> None:
         self.heads = heads if "heads" in sources else None
-        self.tree = tree.to(device) if self.heads is not None else root_only(device)
+        self.policy = tree if isinstance(tree, DynamicTreePolicy) and self.heads is not None else None
+        self.tree = tree.to(device) if self.heads is not None and self.policy is None else root_only(device)
+        self.device = device
         self.context = ContextDrafter() if "context" in sources else None
         self.embed_tokens = embed_tokens
         self.limits = limits
@@ -67,6 +71,8 @@ class StepDrafter:
     def draft(self, past: int, heads_context: torch.Tensor | None, root: torch.Tensor) -> StepDraft:
         """The tree after `past` cached tokens, below `root` (); heads_context: (d,) the heads' context vector."""
         depth = self.limits.max_depth(past + self.position_offset)
+        if self.policy is not None:
+            return self._draft_dynamic(depth, heads_context, root)
         tree = self._cut(self.tree, depth)
         if self.heads is not None:
             tokens = draft_tree(self.heads, tree, heads_context, root, self.embed_tokens).tokens
@@ -82,6 +88,20 @@ class StepDrafter:
             merged = merged.truncated(depth)
             tokens, from_context = tokens[: merged.num_tokens], from_context[: merged.num_tokens]
         return StepDraft(merged, tokens, from_context)
+
+    def _draft_dynamic(self, depth: int | None, heads_context: torch.Tensor, root: torch.Tensor) -> StepDraft:
+        nodes = ScoredNodes(int(root))
+        expand_heads(nodes, self.heads, self.policy, heads_context, self.embed_tokens, depth)
+        if self.context is not None:
+            candidates = self.context.candidates(self.policy.min_score)
+            paths = [candidate.tokens for candidate in candidates]
+            path_nodes = add_context_paths(nodes, paths, [c.probabilities for c in candidates], depth)
+        chosen = nodes.best(self.policy)
+        if self.context is not None:
+            verified = set(chosen)
+            self.context.verified([sum(node in verified for node in path) for path in path_nodes])
+        tree, tokens, from_context = nodes.tree(chosen, self.device)
+        return StepDraft(tree, tokens, from_context if self.context is not None else None)
 
     def _cut(self, tree: TreeBuffers, depth: int | None) -> TreeBuffers:
         if depth is None or depth >= tree.max_depth:

@@ -236,7 +236,7 @@ def merge_token_paths(
         for token in path:
             node = trie.child(node, token)
     order = sorted(range(len(trie.tokens)), key=lambda node: (len(trie.rank_paths[node]), trie.rank_paths[node]))
-    merged = _merged_tree_buffers(tuple(trie.rank_paths[node] for node in order[1:]), str(tokens.device))
+    merged = cached_tree_buffers(tuple(trie.rank_paths[node] for node in order[1:]), str(tokens.device))
     merged_tokens = torch.tensor([trie.tokens[node] for node in order], device=tokens.device)
     from_extra = torch.tensor([node >= tree.num_tokens for node in order], device=tokens.device)
     return merged, merged_tokens, from_extra
@@ -263,9 +263,10 @@ class _TokenTrie:
         return node
 
 
-@functools.lru_cache(maxsize=256)
-def _merged_tree_buffers(paths: tuple[tuple[int, ...], ...], device: str) -> TreeBuffers:
-    """Merged trees repeat their shapes (the heads' tree plus a chain or two): built once per shape."""
+@functools.lru_cache(maxsize=1024)
+def cached_tree_buffers(paths: tuple[tuple[int, ...], ...], device: str) -> TreeBuffers:
+    """Buffers of sorted rank paths on `device`, built once per shape: merged and dynamic trees repeat their
+    shapes from step to step."""
     return build_tree_buffers(paths, max(len(p) for p in paths)).to(device) if paths else root_only(device)
 
 

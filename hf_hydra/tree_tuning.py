@@ -19,7 +19,7 @@ import hashlib
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .cache_name import cache_argument, output_cache
 from .drafting import draft_tree
+from .dynamic_tree import HeadCalibration, calibrate
 from .hub import TREE_TUNING_NAME, WEIGHTS_NAME
 from .modeling_hydra import HydraForCausalLM
 from .training.features import FeatureStore
@@ -79,12 +80,42 @@ def measure_rank_accuracy(
     model: HydraForCausalLM, store: FeatureStore, sequence_indices: Sequence[int], max_rank: int = 10
 ) -> list[list[float]]:
     """rank_accuracy[k][r] for heads k and ranks r < max_rank over the given (held-out) sequences."""
+    hits = torch.zeros(model.heads.num_heads, max_rank)
+    totals = torch.zeros(model.heads.num_heads)
+    for head, rows, columns in _teacher_forced_heads(model, store, sequence_indices, "rank accuracy"):
+        target_logit = rows.gather(1, columns.clamp(min=0)[:, None])  # (N, 1)
+        rank = (rows > target_logit).sum(dim=1)  # (N,) 0 = top-1
+        rank[columns < 0] = max_rank  # outside the draft vocabulary: never drafted
+        hits[head] += torch.bincount(rank[rank < max_rank], minlength=max_rank).float()
+        totals[head] += columns.numel()
+    return (hits / totals.clamp(min=1)[:, None]).tolist()
+
+
+@torch.no_grad()
+def measure_calibration(
+    model: HydraForCausalLM, store: FeatureStore, sequence_indices: Sequence[int], candidates: int = 8
+) -> HeadCalibration:
+    """How often a head's candidate with probability p is the base's token, per head, over the `candidates`
+    most likely candidates at every position of the given (held-out) sequences (`dynamic_tree.calibrate`)."""
+    probabilities: list[list[torch.Tensor]] = [[] for _ in range(model.heads.num_heads)]
+    hits: list[list[torch.Tensor]] = [[] for _ in range(model.heads.num_heads)]
+    for head, rows, columns in _teacher_forced_heads(model, store, sequence_indices, "calibration"):
+        top = rows.float().softmax(dim=-1).topk(candidates, dim=-1)  # (N, candidates)
+        probabilities[head].append(top.values.flatten())
+        hits[head].append((top.indices == columns[:, None]).flatten())
+    return calibrate([torch.cat(p) for p in probabilities], [torch.cat(h) for h in hits])
+
+
+def _teacher_forced_heads(
+    model: HydraForCausalLM, store: FeatureStore, sequence_indices: Sequence[int], description: str
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per sequence and head k: the head's logits at the positions whose token k + 2 ahead is a target,
+    reading the true path (N, V or K), and the column of the base's own token there (N,), -1 where the
+    draft vocabulary lacks it."""
     heads = model.heads
-    hits = torch.zeros(heads.num_heads, max_rank)
-    totals = torch.zeros(heads.num_heads)
     embed = model.base_lm.get_input_embeddings()
     column_of = _draft_columns(heads.draft_token_ids, store.meta.vocab_size)
-    for index in tqdm(sequence_indices, desc="rank accuracy", unit="seq"):
+    for index in tqdm(sequence_indices, desc=description, unit="seq"):
         features = store.sequence(index)
         hidden = features.hidden[None].to(model.dtype)  # (1, T, d)
         positions = torch.arange(hidden.shape[1])[None]  # (1, T)
@@ -94,14 +125,7 @@ def measure_rank_accuracy(
             shift = head + 2
             targets = features.loss_mask[shift:].nonzero().squeeze(-1)  # positions t with x_{t+s} a target
             greedy = features.teacher_ids[targets + shift - 1, 0]  # the base's own token at t + s
-            columns = column_of[greedy] if column_of is not None else greedy
-            rows = logits[head, targets]  # (N, V or K)
-            target_logit = rows.gather(1, columns.clamp(min=0)[:, None])  # (N, 1)
-            rank = (rows > target_logit).sum(dim=1)  # (N,) 0 = top-1
-            rank[columns < 0] = max_rank  # outside the draft vocabulary: never drafted
-            hits[head] += torch.bincount(rank[rank < max_rank], minlength=max_rank).float()
-            totals[head] += targets.numel()
-    return (hits / totals.clamp(min=1)[:, None]).tolist()
+            yield head, logits[head, targets], column_of[greedy] if column_of is not None else greedy
 
 
 def _draft_columns(draft_token_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor | None:

@@ -36,11 +36,16 @@ from transformers import (
 
 from hf_hydra import HydraForCausalLM, support
 from hf_hydra.cache_name import cache_argument
+from hf_hydra.dynamic_tree import DynamicTreePolicy
 from hf_hydra.tree import build_tree_buffers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PATHS = {"tree": {"speculative": True, "tree": FULL_TREE}, "assisted": {"speculative": "assisted"}}
+# and dynamic trees, where the position scheme cuts a step's depth (the heads of `_on` carry a policy)
+POSITION_PATHS = PATHS | {"dynamic_tree": {"speculative": True, "tree": "dynamic"}}
+# Verifying m tokens costs 1 + 0.02 (m - 1): nearly flat, so dynamic trees grow big and deep.
+FLAT_COST = DynamicTreePolicy(tuple(1.0 + 0.02 * m for m in range(32)))
 TABLE_SIZE = 24  # learned absolute positions of the tiny GPT-2 and OPT
 
 
@@ -48,7 +53,9 @@ def _on(base: PreTrainedModel, head_arch: str = "medusa") -> HydraForCausalLM:
     """Fresh heads on `base`. Fresh Medusa heads copy the base's lm_head, so on a tiny model that repeats
     itself they guess right often: the assisted loop then accepts chunks of several tokens."""
     torch.manual_seed(100)
-    return HydraForCausalLM.from_base(base, head_arch=head_arch, num_heads=NUM_HEADS).eval()
+    model = HydraForCausalLM.from_base(base, head_arch=head_arch, num_heads=NUM_HEADS).eval()
+    model.dynamic_tree = FLAT_COST
+    return model
 
 
 def _from_config(config) -> PreTrainedModel:
@@ -59,7 +66,7 @@ def _from_config(config) -> PreTrainedModel:
 def _same(model: HydraForCausalLM, prompt: torch.Tensor | None, path: str, **kwargs) -> torch.Tensor:
     """Speculative output on `path`, asserted equal to plain greedy `generate`'s."""
     plain = _plain(model, prompt, **kwargs)
-    out = model.generate(prompt, **PATHS[path], **kwargs)
+    out = model.generate(prompt, **POSITION_PATHS[path], **kwargs)
     assert torch.equal(out, plain), f"{path}: {out.tolist()} != plain {plain.tolist()}"
     return out
 
@@ -125,7 +132,7 @@ ROPE = {
 }
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", POSITION_PATHS)
 @pytest.mark.parametrize("rope", ROPE)
 def test_dynamic_and_longrope_rope_stay_exact_past_the_original_length(tiny_model_factory, rope, path) -> None:
     """Original length 12: prompts of 2..13 tokens and 20 new ones cross it in every phase of a step."""
@@ -206,14 +213,14 @@ ABSOLUTE = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", POSITION_PATHS)
 @pytest.mark.parametrize("arch", ABSOLUTE)
 def test_learned_positions_run_to_the_end_of_their_table(arch, path) -> None:
     model = _on(_from_config(ABSOLUTE[arch]()), "hydra")
     for prompt in _prompts(SMALL_VOCAB, lengths=(3, 12, 20, 22, 23)):
         for tree in (FULL_TREE, "cpu_small_11"):
             plain = _plain(model, prompt, max_length=TABLE_SIZE)
-            out = model.generate(prompt, **(PATHS[path] | ({"tree": tree} if path == "tree" else {})),
+            out = model.generate(prompt, **(POSITION_PATHS[path] | ({"tree": tree} if path == "tree" else {})),
                                  max_length=TABLE_SIZE)  # fmt: skip
             assert torch.equal(out, plain) and out.shape[1] == TABLE_SIZE
 

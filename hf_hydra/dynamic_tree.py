@@ -1,0 +1,256 @@
+"""Dynamic trees: per step, the candidate nodes most likely to be accepted, as many as pay on this machine.
+
+A static tree verifies the same rank paths every step, whether the heads are sure or lost. A dynamic tree
+scores every candidate by its estimated probability of being accepted and verifies the best ones:
+
+    expand  : the heads draft depth by depth; at each depth the `width` best-scored nodes are expanded into
+              their `children` most likely tokens (Hydra heads read the tokens chosen on each path; Medusa
+              heads give the same candidates below every parent). A head candidate's score is its parent's
+              times the head's calibrated probability of that token (`HeadCalibration`).
+    context : candidates copied from earlier in the text join the trie with their own estimates (the
+              call's acceptance rate per match length, `hf_hydra.context`); a token both propose keeps the
+              larger score.
+    select  : with nodes sorted by score, verifying the best N adds their scores to the expected tokens of
+              the step (siblings exclude each other: tau = 1 + the sum of the node probabilities), and costs
+              t(N + 1) on the measured verification curve (`tune-tree`); N maximises expected tokens per
+              second. Scores never grow along a path, so the best N always include their ancestors.
+
+Every candidate is a deterministic function of the sequence so far (and of the call's earlier steps), chosen
+before the step's verification: greedy output stays plain greedy's and lossless sampling stays exact (see
+`hf_hydra.acceptance`), whatever the scores were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .heads import DraftHeads
+from .tree import TreeBuffers, cached_tree_buffers
+
+DYNAMIC_TREE = "dynamic"  # the tree name that asks for a dynamic tree
+
+# Probability bins of the calibration: fine where most candidates are (low probabilities).
+CALIBRATION_EDGES: tuple[float, ...] = (
+    0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HeadCalibration:
+    """P(a head's candidate is the base's token | the head's probability p for it), per head.
+
+    rates[k][b] holds for head k and probabilities in [edges[b], edges[b + 1]), measured teacher-forced on
+    held-out text (given a correct path) and made non-decreasing in p. Without a measurement (`identity`)
+    the heads' own probabilities are taken at their word."""
+
+    edges: tuple[float, ...]  # (B + 1,) from 0 to 1
+    rates: tuple[tuple[float, ...], ...] | None  # [head][B], None: identity
+
+    @classmethod
+    def identity(cls) -> HeadCalibration:
+        return cls(CALIBRATION_EDGES, None)
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> HeadCalibration:
+        """From `tree_tuning.json`'s "calibration" entry (None: identity)."""
+        if not record:
+            return cls.identity()
+        edges, rates = tuple(record["edges"]), tuple(tuple(row) for row in record["rates"])
+        if any(len(row) != len(edges) - 1 for row in rates):
+            raise ValueError("A head calibration needs one rate per probability bin for every head.")
+        return cls(edges, rates)
+
+    def to_record(self) -> dict:
+        return {"edges": list(self.edges), "rates": [list(row) for row in self.rates or ()]}
+
+    def __call__(self, head: int, probabilities: torch.Tensor) -> torch.Tensor:
+        """Calibrated acceptance probabilities of head `head`'s candidates, same shape as `probabilities`."""
+        if self.rates is None:
+            return probabilities
+        row = self.rates[min(head, len(self.rates) - 1)]
+        edges = torch.tensor(self.edges[1:-1], dtype=probabilities.dtype, device=probabilities.device)
+        bins = torch.bucketize(probabilities, edges, right=True)
+        return torch.tensor(row, dtype=probabilities.dtype, device=probabilities.device)[bins]
+
+
+def calibrate(
+    probabilities: Sequence[torch.Tensor], hits: Sequence[torch.Tensor], edges: Sequence[float] = CALIBRATION_EDGES
+) -> HeadCalibration:
+    """Per head k, bin the candidates' probabilities[k] (N,) by `edges` and take the share that hit (N,) bool,
+    each bin smoothed towards its midpoint (weight 5 candidates), then made non-decreasing (pooling adjacent
+    bins that violate it)."""
+    rates = []
+    boundaries = torch.tensor(edges[1:-1])
+    for head_probabilities, head_hits in zip(probabilities, hits, strict=True):
+        bins = torch.bucketize(head_probabilities.float(), boundaries, right=True)
+        counts = torch.bincount(bins, minlength=len(edges) - 1).double()
+        successes = torch.bincount(bins, weights=head_hits.double(), minlength=len(edges) - 1)
+        midpoints = (torch.tensor(edges[:-1]) + torch.tensor(edges[1:])).double() / 2
+        prior = 5.0
+        rates.append(_non_decreasing((successes + prior * midpoints) / (counts + prior), counts + prior))
+    return HeadCalibration(tuple(edges), tuple(rates))
+
+
+def _non_decreasing(values: torch.Tensor, weights: torch.Tensor) -> tuple[float, ...]:
+    """Weighted isotonic regression (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for value, weight in zip(values.tolist(), weights.tolist(), strict=True):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            last = blocks.pop()
+            total = blocks[-1][1] + last[1]
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + last[0] * last[1]) / total, total, blocks[-1][2] + last[2]]
+    return tuple(mean for mean, _, count in blocks for _ in range(count))
+
+
+@dataclass(frozen=True)
+class DynamicTreePolicy:
+    """How a step's dynamic tree is drafted and how big it may grow.
+
+    verify_cost[m - 1]: the cost of verifying m tokens in one base forward, relative to one token (the
+    curve `tune-tree` measured, divided by its first entry); its length bounds the tree. overhead: the
+    step's drafting and bookkeeping in the same unit. children: candidates per expanded node; width:
+    nodes expanded per depth; min_score: nodes less likely than this are not expanded nor kept."""
+
+    verify_cost: tuple[float, ...]
+    calibration: HeadCalibration = field(default_factory=HeadCalibration.identity)
+    children: int = 4
+    width: int = 4
+    overhead: float = 0.15
+    min_score: float = 0.01
+
+    def __post_init__(self) -> None:
+        if len(self.verify_cost) < 2 or self.verify_cost[0] <= 0:
+            raise ValueError("A dynamic tree needs the verification cost of at least 1 and 2 tokens (> 0).")
+        if self.children < 1 or self.width < 1:
+            raise ValueError("A dynamic tree needs children >= 1 and width >= 1.")
+
+    @classmethod
+    def from_tuning(
+        cls, verify_seconds: Sequence[float], calibration: HeadCalibration | None = None
+    ) -> DynamicTreePolicy:
+        """From `tune-tree`'s verification seconds for m = 1..M tokens."""
+        relative = tuple(seconds / verify_seconds[0] for seconds in verify_seconds)
+        return cls(relative, calibration or HeadCalibration.identity())
+
+    def best_size(self, sorted_scores: Sequence[float]) -> int:
+        """How many of the nodes (scores sorted in decreasing order) to verify: the count maximising
+        (1 + their summed scores) / (verification cost of them and the root + overhead)."""
+        best_count, best_rate, expected = 0, 1.0 / (self.verify_cost[0] + self.overhead), 1.0
+        for count, score in enumerate(sorted_scores[: len(self.verify_cost) - 1], start=1):
+            expected += score
+            rate = expected / (self.verify_cost[count] + self.overhead)
+            if rate > best_rate:
+                best_count, best_rate = count, rate
+        return best_count
+
+
+class ScoredNodes:
+    """A candidate trie below the root (node 0): per node its token, parent, depth, estimated probability of
+    being accepted and whether only the context proposed it."""
+
+    def __init__(self, root_token: int) -> None:
+        self.tokens, self.parents, self.depths = [root_token], [-1], [0]
+        self.scores, self.from_context = [1.0], [False]
+        self.child_of: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int, score: float, from_context: bool) -> int:
+        """The node for `token` below `parent`, added when new; an existing one keeps the larger score."""
+        node = self.child_of.get((parent, token))
+        if node is not None:
+            self.scores[node] = max(self.scores[node], score)
+            return node
+        node = len(self.tokens)
+        self.child_of[(parent, token)] = node
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.scores.append(score)
+        self.from_context.append(from_context)
+        return node
+
+    def path(self, node: int) -> list[int]:
+        """The nodes from the root's child down to `node`."""
+        nodes = []
+        while node > 0:
+            nodes.append(node)
+            node = self.parents[node]
+        return nodes[::-1]
+
+    def best(self, policy: DynamicTreePolicy) -> list[int]:
+        """The nodes to verify, the root first: the most likely ones, as many as pay (`best_size`)."""
+        ranked = sorted(range(1, len(self)), key=lambda node: (-self.scores[node], self.depths[node], node))
+        ranked = [node for node in ranked if self.scores[node] >= policy.min_score]
+        return [0, *ranked[: policy.best_size([self.scores[node] for node in ranked])]]
+
+    def tree(self, chosen: list[int], device: torch.device) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
+        """Buffers of the chosen nodes (closed under parents, the root first, parents before children), their
+        tokens (T,) and which of them only the context proposed (T,) bool, in the buffers' node order."""
+        rank_path: dict[int, tuple[int, ...]] = {0: ()}
+        child_count: dict[int, int] = {}
+        for node in chosen[1:]:
+            parent = self.parents[node]
+            rank_path[node] = rank_path[parent] + (child_count.get(parent, 0),)
+            child_count[parent] = child_count.get(parent, 0) + 1
+        order = sorted(chosen, key=lambda node: (len(rank_path[node]), rank_path[node]))
+        buffers = cached_tree_buffers(tuple(rank_path[node] for node in order[1:]), str(device))
+        tokens = torch.tensor([self.tokens[node] for node in order], device=device)
+        from_context = torch.tensor([self.from_context[node] for node in order], device=device)
+        return buffers, tokens, from_context
+
+
+@torch.no_grad()
+def expand_heads(
+    nodes: ScoredNodes,
+    heads: DraftHeads,
+    policy: DynamicTreePolicy,
+    context: torch.Tensor,
+    embed_tokens: nn.Embedding,
+    max_depth: int | None,
+) -> None:
+    """Add the heads' candidates to `nodes` (holding the root), depth by depth down to `max_depth` (None:
+    as deep as the heads go).
+
+    context: (d,) the heads' context vector at the last verified position."""
+    frontier = [0]
+    for depth in range(1, min(max_depth if max_depth is not None else heads.num_heads, heads.num_heads) + 1):
+        paths = torch.tensor([[0, *nodes.path(node)] for node in frontier])  # (F, depth): root .. node
+        if heads.sequential:
+            path_tokens = torch.tensor(nodes.tokens, device=context.device)[paths.to(context.device)]
+            logits = heads(depth - 1, context.expand(len(frontier), -1), embed_tokens(path_tokens))  # (F, V or K)
+        else:
+            logits = heads(depth - 1, context[None], None).expand(len(frontier), -1)  # (F, V or K)
+        top = logits.float().softmax(dim=-1).topk(policy.children, dim=-1)
+        scores = policy.calibration(depth - 1, top.values)  # (F, children)
+        candidates = top.indices if heads.draft_token_ids is None else heads.draft_token_ids[top.indices]
+        added = []
+        for parent, parent_scores, parent_tokens in zip(frontier, scores.tolist(), candidates.tolist(), strict=True):
+            for score, token in zip(parent_scores, parent_tokens, strict=True):
+                score *= nodes.scores[parent]
+                if score >= policy.min_score:
+                    added.append(nodes.add(parent, token, score, from_context=False))
+        frontier = sorted(added, key=lambda node: -nodes.scores[node])[: policy.width]
+        if not frontier:
+            return
+
+
+def add_context_paths(
+    nodes: ScoredNodes, paths: Sequence[Sequence[int]], scores: Sequence[Sequence[float]], max_depth: int | None
+) -> list[list[int]]:
+    """Add token paths below the root with their tokens' estimated probabilities of acceptance (each path's
+    scores non-increasing), cut at `max_depth` (None: not cut). Returns each path's nodes."""
+    path_nodes = []
+    for path, path_scores in zip(paths, scores, strict=True):
+        node, added = 0, []
+        for token, score in zip(path[:max_depth], path_scores, strict=False):
+            node = nodes.add(node, token, score, from_context=True)
+            added.append(node)
+        path_nodes.append(added)
+    return path_nodes

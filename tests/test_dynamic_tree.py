@@ -1,0 +1,179 @@
+"""Dynamic trees (hf_hydra.dynamic_tree): calibration, node selection by expected tokens per second, the
+heads' expansion, and greedy output equal to plain `generate` with dynamic trees merged with context
+candidates. The statistical (lossless sampling) case is in test_sampling.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_context import _repeating_prompts
+from test_decoding import ARCHS, HEAD_ARCHS, NEW_TOKENS, SMALL_VOCAB, _hydra, _plain, _prompts
+
+from hf_hydra import HydraForCausalLM
+from hf_hydra.dynamic_tree import (
+    DynamicTreePolicy,
+    HeadCalibration,
+    ScoredNodes,
+    add_context_paths,
+    calibrate,
+    expand_heads,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Verifying m tokens costs 1 + 0.02 (m - 1): nearly flat, so big trees pay (many nodes exercised).
+FLAT = DynamicTreePolicy(tuple(1.0 + 0.02 * m for m in range(32)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_calibration_reads_the_measured_share_per_bin_and_never_decreases() -> None:
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.rand(200_000, generator=generator)
+    hits = torch.rand(200_000, generator=generator) < probabilities * 0.5  # the heads are twice too confident
+    calibration = calibrate([probabilities], [hits])
+    assert calibration(0, torch.tensor([0.05, 0.45, 0.95])).tolist() == pytest.approx([0.031, 0.225, 0.475], abs=0.01)
+    rates = calibration.rates[0]
+    assert list(rates) == sorted(rates)
+    # an inverted measurement is pooled into a non-decreasing one
+    inverted = calibrate([torch.tensor([0.05] * 50 + [0.95] * 50)], [torch.tensor([True] * 50 + [False] * 50)])
+    assert list(inverted.rates[0]) == sorted(inverted.rates[0])
+
+
+def test_calibration_round_trips_through_its_record_and_identity_keeps_probabilities() -> None:
+    calibration = calibrate([torch.rand(1000), torch.rand(1000)], [torch.rand(1000) < 0.3, torch.rand(1000) < 0.1])
+    again = HeadCalibration.from_record(json.loads(json.dumps(calibration.to_record())))
+    assert again == calibration
+    probabilities = torch.tensor([0.0, 0.3, 1.0])
+    assert torch.equal(HeadCalibration.from_record(None)(2, probabilities), probabilities)
+    with pytest.raises(ValueError, match="one rate per probability bin"):
+        HeadCalibration.from_record({"edges": [0.0, 0.5, 1.0], "rates": [[0.1]]})
+
+
+# ------------------------------------------------------------------------------------------------------
+# Selection
+
+
+def test_the_size_maximises_expected_tokens_per_cost() -> None:
+    scores = [0.9, 0.8, 0.5, 0.2, 0.1]
+    assert FLAT.best_size(scores) == 5  # flat cost: every likely node pays
+    assert FLAT.best_size([*scores, 0.01]) == 5  # but not one whose chance is below its cost
+    steep = DynamicTreePolicy((1.0, 2.0, 3.0, 4.0), overhead=0.0)
+    assert steep.best_size(scores) == 0  # each node doubles the cost: the root alone
+    middle = DynamicTreePolicy((1.0, 1.1, 1.2, 1.8, 2.0), overhead=0.0)
+    # (1 + 0.9) / 1.1, (1 + 1.7) / 1.2 = 2.25 is the best, (1 + 2.2) / 1.8 less
+    assert middle.best_size(scores) == 2
+    assert DynamicTreePolicy((1.0, 1.0, 1.0)).best_size(scores) == 2  # bounded by the measured curve
+
+
+def test_the_best_nodes_include_their_ancestors_and_the_tree_keeps_tokens_in_order() -> None:
+    nodes = ScoredNodes(root_token=7)
+    a = nodes.add(0, 3, 0.6, from_context=False)
+    b = nodes.add(0, 5, 0.3, from_context=False)
+    a_child = nodes.add(a, 9, 0.5, from_context=False)
+    nodes.add(b, 4, 0.02, from_context=False)
+    paths = add_context_paths(nodes, [(3, 9, 2, 2), (6,)], [(0.7, 0.5, 0.45, 0.4), (0.05,)], max_depth=3)
+    assert paths[0][:2] == [a, a_child] and len(paths[0]) == 3  # shared prefix, cut at depth 3
+    assert nodes.scores[a] == 0.7 and not nodes.from_context[a]  # the larger estimate; the heads proposed it
+    policy = DynamicTreePolicy((1.0, 1.01, 1.02, 1.03, 1.04, 1.05, 1.5), overhead=0.0)
+    chosen = nodes.best(policy)
+    assert chosen == [0, a, a_child, paths[0][2], b, paths[1][0]]  # by score; 0.02 is not worth a node
+    tree, tokens, from_context = nodes.tree(chosen, torch.device("cpu"))
+    assert tree.num_tokens == 6 and int(tokens[0]) == 7
+
+    def token_path(node: int) -> tuple[int, ...]:
+        return tuple(tokens[tree.ancestors[node, 1 : int(tree.depths[node]) + 1]].tolist())
+
+    assert {token_path(n) for n in range(1, 6)} == {(3,), (5,), (6,), (3, 9), (3, 9, 2)}
+    assert from_context.tolist() == [False] + [token_path(n) in {(6,), (3, 9, 2)} for n in range(1, 6)]
+
+
+@pytest.mark.parametrize("head_arch", HEAD_ARCHS)
+@torch.no_grad()
+def test_the_heads_expand_the_most_likely_nodes_with_their_top_candidates(tiny_model_factory, head_arch) -> None:
+    model = _hydra(tiny_model_factory, "llama", head_arch)
+    heads, embed = model.heads, model.base_lm.get_input_embeddings()
+    context = torch.randn(model.config.base_hidden_size)
+    policy = DynamicTreePolicy(FLAT.verify_cost, children=3, width=2, min_score=0.0)
+    nodes = ScoredNodes(root_token=1)
+    expand_heads(nodes, heads, policy, context, embed, max_depth=3)
+    depths = torch.tensor(nodes.depths)
+    assert [(depths == d).sum().item() for d in range(4)] == [1, 3, 6, 6]  # 3 children of 1, 2, 2 parents
+    for node in range(1, len(nodes)):
+        parent, depth = nodes.parents[node], nodes.depths[node]
+        path = [0, *nodes.path(parent)]
+        path_embeds = embed(torch.tensor([nodes.tokens[n] for n in path]))
+        probabilities = heads(depth - 1, context, path_embeds if heads.sequential else None).softmax(-1)
+        top = probabilities.topk(3)
+        assert nodes.tokens[node] in top.indices.tolist()
+        assert nodes.scores[node] == pytest.approx(
+            nodes.scores[parent] * float(probabilities[nodes.tokens[node]]), rel=1e-5
+        )
+        if depth < 3 and any(nodes.parents[n] == node for n in range(len(nodes))):  # expanded: among the best 2
+            level = sorted((nodes.scores[n] for n in range(len(nodes)) if nodes.depths[n] == depth), reverse=True)
+            assert nodes.scores[node] >= level[1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Greedy output: plain generate's
+
+
+@pytest.mark.parametrize("head_arch", HEAD_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dynamic_trees_give_plain_greedy_tokens(tiny_model_factory, arch: str, head_arch: str) -> None:
+    model = _hydra(tiny_model_factory, arch, head_arch)
+    model.dynamic_tree = FLAT
+    context_tokens = 0
+    for prompt in _repeating_prompts() + _prompts(SMALL_VOCAB):
+        plain = _plain(model, prompt, max_new_tokens=NEW_TOKENS)
+        for sources in ("heads+context", "heads"):
+            out = model.generate(
+                prompt, speculative=True, tree="dynamic", sources=sources, max_new_tokens=NEW_TOKENS,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+            assert torch.equal(out.sequences, plain), f"prompt {prompt.tolist()}, {sources}"
+            context_tokens += out.speculation.context_tokens
+    assert context_tokens > 0
+
+
+def test_a_long_context_stays_exact_with_dynamic_trees(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory, "qwen2", "hydra++")
+    model.dynamic_tree = FLAT
+    prompt = torch.cat(_repeating_prompts() * 6, dim=1)
+    plain = _plain(model, prompt, max_new_tokens=64)
+    out = model.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=64, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert out.speculation.tau > 1.5
+
+
+def test_dynamic_trees_stop_at_eos(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory, "llama", "hydra")
+    model.dynamic_tree = FLAT
+    for prompt in _repeating_prompts():
+        plain = _plain(model, prompt, max_new_tokens=NEW_TOKENS)
+        eos = int(plain[0, prompt.shape[1] + NEW_TOKENS // 2])
+        expected = _plain(model, prompt, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+        out = model.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+        assert torch.equal(out, expected)
+
+
+def test_the_dynamic_tree_is_loaded_with_the_heads_and_asked_for_by_name(tiny_model_factory, tmp_path) -> None:
+    model = _hydra(tiny_model_factory)
+    model.save_pretrained(tmp_path)
+    prompt = _prompts(SMALL_VOCAB)[1]
+    reloaded = HydraForCausalLM.from_pretrained(tmp_path, base_model=model.base_lm)
+    assert reloaded.dynamic_tree is None
+    with pytest.raises(ValueError, match="hf-hydra tune-tree"):
+        reloaded.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=4)
+    calibration = calibrate([torch.rand(500)] * 4, [torch.rand(500) < 0.2] * 4)
+    tuning = {"verify_seconds": [0.02, 0.021, 0.023, 0.03], "calibration": calibration.to_record()}
+    (tmp_path / "tree_tuning.json").write_text(json.dumps(tuning))
+    reloaded = HydraForCausalLM.from_pretrained(tmp_path, base_model=model.base_lm)
+    assert reloaded.dynamic_tree.verify_cost == pytest.approx((1.0, 1.05, 1.15, 1.5))
+    assert reloaded.dynamic_tree.calibration == calibration
+    out = reloaded.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=8, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, _plain(reloaded, prompt, max_new_tokens=8))
