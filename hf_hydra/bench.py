@@ -35,7 +35,7 @@ from .bench_table import AUTOREGRESSIVE, markdown_table
 from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name
-from .tree import TreeSpec, resolve_tree
+from .tree import DYNAMIC_TREE, TreeSpec, resolve_tree
 
 SCHEMA_VERSION = 1
 AUTOREGRESSIVE_PREPACKED = "autoregressive_prepacked"  # plain `generate` on the prepacked base (with --prepack)
@@ -48,8 +48,12 @@ TREE_METHODS = ("medusa", "hydra", "hydra++")
 ALL_METHODS = (AUTOREGRESSIVE, PROMPT_LOOKUP, CONTEXT, ASSISTED, *TREE_METHODS)
 PROMPT_LOOKUP_TOKENS = 10
 TYPICAL_SUFFIX = "-typical"  # "<label>-typical": tree decoding with those heads and typical acceptance
-# "<label>-heads": the heads' tree alone, without context candidates (a "<label>" method merges both)
+# "<label>": the heads' default (a dynamic tree where the heads carry its policy) merged with context
+# candidates; "<label>-static": the heads' static tree merged with context candidates; "<label>-heads": the
+# heads' static tree alone (Hydra as published).
+STATIC_SUFFIX = "-static"
 HEADS_ONLY_SUFFIX = "-heads"
+VARIANT_SUFFIXES = (STATIC_SUFFIX, HEADS_ONLY_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,10 @@ def method_runners(
     prepacked_base: PreTrainedModel | None = None,
 ) -> dict[str, Runner]:
     """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method;
-    a method named like a key of `heads` is tree decoding with those heads merged with context candidates
-    (lossless acceptance when sampling), `<label>-heads` the heads' tree alone, `<label>-typical` the merged
-    tree with typical acceptance (sampling only).
+    a method named like a key of `heads` is tree decoding with those heads' default tree merged with context
+    candidates (lossless acceptance when sampling), `<label>-static` their static tree merged,
+    `<label>-heads` their static tree alone, `<label>-typical` the default with typical acceptance (sampling
+    only).
 
     prepacked_base: the base with prepacked linear layers (`hf_hydra.prepack`), on which the heads sit;
     prompt lookup and `autoregressive_prepacked` then run on it too, `autoregressive` stays on `base`."""
@@ -151,8 +156,8 @@ def method_runners(
     unknown = [m for m in methods if m not in known and _heads_label(m, temperature) not in heads]
     if unknown:
         raise ValueError(
-            f"Unknown methods {unknown}; choose among {known}, the labels of --heads, '<label>{HEADS_ONLY_SUFFIX}' "
-            f"and, when sampling, '<label>{TYPICAL_SUFFIX}'."
+            f"Unknown methods {unknown}; choose among {known}, the labels of --heads, '<label>{STATIC_SUFFIX}', "
+            f"'<label>{HEADS_ONLY_SUFFIX}' and, when sampling, '<label>{TYPICAL_SUFFIX}'."
         )
     missing = [m for m in methods if m in TREE_METHODS and m not in heads]
     if ASSISTED in methods and not heads:
@@ -181,9 +186,12 @@ def method_runners(
             )
         elif method in heads:
             runners[method] = _tree_runner(heads[method], {**options, "speculative": True})
-        elif method.endswith(HEADS_ONLY_SUFFIX):
-            heads_only = {**options, "speculative": True, "sources": "heads"}
-            runners[method] = _tree_runner(heads[_heads_label(method, temperature)], heads_only)
+        elif method.endswith(VARIANT_SUFFIXES):
+            model = heads[_heads_label(method, temperature)]
+            static = {**options, "speculative": True, "tree": static_tree(model)}
+            if method.endswith(HEADS_ONLY_SUFFIX):
+                static["sources"] = "heads"
+            runners[method] = _tree_runner(model, static)
         else:
             typical = {**options, "speculative": True, "acceptance": "typical"}
             runners[method] = _tree_runner(heads[_heads_label(method, temperature)], typical)
@@ -191,17 +199,27 @@ def method_runners(
 
 
 def use_tree(heads: dict[str, HydraForCausalLM], tree: TreeSpec) -> None:
-    """Make `tree` (a name or rank paths) the default tree of every heads set, e.g. to compare heads on one
-    tree, or tuned trees with Medusa's reference `mc_sim_7b_63`; a ValueError when it is too deep for a set."""
+    """Make `tree` (a name or rank paths) the default and the static tree of every heads set, e.g. to compare
+    heads on one tree, or tuned trees with Medusa's reference `mc_sim_7b_63`; a ValueError when it is too
+    deep for a set."""
     for model in heads.values():
-        model.generation_config.hydra_tree = [list(p) for p in resolve_tree(tree, model.config.num_heads)]
+        model.generation_config.hydra_tree = model.config.tree = [
+            list(p) for p in resolve_tree(tree, model.config.num_heads)
+        ]
+
+
+def static_tree(model: HydraForCausalLM) -> list[list[int]]:
+    """The heads' static tree: their default unless that is dynamic, else the tree of their config."""
+    default = model.generation_config.hydra_tree
+    tree = model.config.tree if default == DYNAMIC_TREE else default
+    return [list(p) for p in resolve_tree(tree, model.config.num_heads)]
 
 
 def _heads_label(method: str, temperature: float | None) -> str:
     """The heads a method runs with: its name, without `-heads`, or without `-typical` when sampling."""
     if temperature is not None and method.endswith(TYPICAL_SUFFIX):
         return method.removesuffix(TYPICAL_SUFFIX)
-    return method.removesuffix(HEADS_ONLY_SUFFIX)
+    return method.removesuffix(HEADS_ONLY_SUFFIX).removesuffix(STATIC_SUFFIX)
 
 
 def _tree_runner(model: PreTrainedModel, options: dict) -> Runner:
@@ -294,7 +312,9 @@ def run_bench(
     results = []
     for question, input_ids in tqdm(prompts, desc="bench", unit="prompt"):
         results += _bench_prompt(base, runners, question, input_ids, max_new_tokens, temperature, seed)
-    trees = {label: model.generation_config.hydra_tree for label, model in heads.items()}
+    trees = {label: model.generation_config.hydra_tree for label, model in heads.items()}  # "dynamic" or paths
+    static_trees = {label: static_tree(model) for label, model in heads.items()}
+    depths = _tree_depths(heads, methods, temperature)
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -307,18 +327,28 @@ def run_bench(
             "temperature": temperature,
             "seed": seed if temperature is not None else None,
             "trees": trees,
+            "static_trees": static_trees,
+            "tree_depths": depths,
             "prepacked": prepacked_base is not None,
             "heads_prepacked": {label: dtype_name(model.heads.prepacked_dtype) for label, model in heads.items()},
         },
         "results": [asdict(r) for r in results],
-        "summary": [asdict(s) for s in summarize(results, methods, _tree_depths(trees, methods, temperature))],
+        "summary": [asdict(s) for s in summarize(results, methods, depths)],
     }
 
 
-def _tree_depths(trees: dict[str, list], methods: Sequence[str], temperature: float | None) -> dict[str, int]:
-    """Depth of the tree of each tree method, from the trees of the heads (label -> paths)."""
-    depths = {label: max(len(path) for path in paths) for label, paths in trees.items()}
-    return {m: depths[_heads_label(m, temperature)] for m in methods if _heads_label(m, temperature) in depths}
+def _tree_depths(
+    heads: dict[str, HydraForCausalLM], methods: Sequence[str], temperature: float | None
+) -> dict[str, int]:
+    """How deep each tree method's heads draft: their static tree's depth, or all heads for a dynamic tree."""
+    depths = {}
+    for method in methods:
+        model = heads.get(_heads_label(method, temperature))
+        if model is None:
+            continue
+        dynamic = model.generation_config.hydra_tree == DYNAMIC_TREE and not method.endswith(VARIANT_SUFFIXES)
+        depths[method] = model.config.num_heads if dynamic else max(len(p) for p in static_tree(model))
+    return depths
 
 
 def shard(questions: Sequence[dict], index: int, count: int) -> list[dict]:
@@ -331,7 +361,8 @@ def shard(questions: Sequence[dict], index: int, count: int) -> list[dict]:
 def merge_reports(reports: Sequence[dict]) -> dict:
     """One report from the shards of one benchmark (same settings and machine, disjoint questions)."""
     first = reports[0]
-    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees", "prepacked", "heads_prepacked")
+    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees", "static_trees", "prepacked",
+            "heads_prepacked")
     for other in reports[1:]:
         differing = [k for k in same if other["settings"].get(k) != first["settings"].get(k)]
         if differing or other["machine"] != first["machine"]:
@@ -345,13 +376,12 @@ def merge_reports(reports: Sequence[dict]) -> dict:
         "num_prompts": len(ids),
         "shards": len(reports),  # processes that ran side by side, each on its own questions
     }
-    depths = _tree_depths(settings["trees"], settings["methods"], settings["temperature"])
     return {
         **first,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
         "results": [asdict(r) for r in results],
-        "summary": [asdict(s) for s in summarize(results, settings["methods"], depths)],
+        "summary": [asdict(s) for s in summarize(results, settings["methods"], settings["tree_depths"])],
     }
 
 

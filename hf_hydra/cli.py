@@ -17,8 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from . import assets
 from .configuration_hydra import HEAD_ARCHS
+from .dynamic_tree import HeadCalibration
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name, prepack_linear_layers
+from .tree import DYNAMIC_TREE
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,8 @@ def run_bench(args: argparse.Namespace) -> int:
     typical = [label + bench.TYPICAL_SUFFIX for label in heads] if args.temperature is not None else []
     prepacked = [bench.AUTOREGRESSIVE_PREPACKED] if args.prepack else []
     peers = [m for m in bench.ALL_METHODS if m not in (bench.AUTOREGRESSIVE, *bench.TREE_METHODS)]
-    heads_only = [label + bench.HEADS_ONLY_SUFFIX for label in heads]
-    default_methods = [bench.AUTOREGRESSIVE, *prepacked, *peers, *heads, *heads_only, *typical]
+    variants = [label + suffix for label in heads for suffix in bench.VARIANT_SUFFIXES]
+    default_methods = [bench.AUTOREGRESSIVE, *prepacked, *peers, *heads, *variants, *typical]
     methods = args.methods.split(",") if args.methods else default_methods
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
@@ -270,14 +272,15 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     if args.prepack:
         model.prepack_base()
         model.prepack_heads()  # drafts are measured and timed as decoding will run them
+    calibration = None
     if stored is None:
-        accuracy, accuracy_command = _held_out_rank_accuracy(model, args), None
+        (accuracy, calibration), accuracy_command = _held_out_accuracy(model, args), None
     else:  # the heads' accuracy from their earlier tuning: only this machine is measured
         accuracy, accuracy_command = stored.rank_accuracy, stored.command
     report = tune_tree(model, accuracy, max_tokens=args.max_tokens)
     paths = [list(p) for p in report.choice.paths]
-    model.config.tree = paths
-    model.generation_config.hydra_tree = paths
+    model.config.tree = paths  # the static tree; by default, the dynamic tree on the measured curve
+    model.generation_config.hydra_tree = DYNAMIC_TREE
     command = _tune_tree_command(args)
     record = {
         "command": command,
@@ -288,26 +291,33 @@ def run_tune_tree(args: argparse.Namespace) -> int:
         **dataclasses.asdict(report),
     }
     previous = Path(args.heads) / hub.TREE_TUNING_NAME
-    if previous.is_file():  # the heads' calibration (`hf-hydra calibrate`) stays theirs
+    if calibration is not None:
+        record |= {"calibration": calibration.to_record(), "calibration_command": command}
+    elif previous.is_file():  # the heads' calibration (`hf-hydra calibrate`) stays theirs
         kept = json.loads(previous.read_text())
         record |= {key: kept[key] for key in ("calibration", "calibration_command") if key in kept}
     previous.write_text(json.dumps(record, indent=1))
     model.config.save_pretrained(args.heads)  # the weights stay as they were saved (dtype included)
     model.generation_config.save_pretrained(args.heads)
     hub.write_model_card(args.heads)  # the card shows the tuning's prediction
-    print(f"tree of {len(paths)} nodes: expected tau {report.choice.expected_tau:.2f}, "
-          f"expected {report.choice.expected_tokens_per_second:.1f} tokens/s; now the default tree of {args.heads}")
+    print(f"static tree of {len(paths)} nodes: expected tau {report.choice.expected_tau:.2f}, "
+          f"expected {report.choice.expected_tokens_per_second:.1f} tokens/s; the default of {args.heads} is now "
+          "the dynamic tree on this machine's verification curve")
     return 0
 
 
-def _held_out_rank_accuracy(model: HydraForCausalLM, args: argparse.Namespace) -> list[list[float]]:
+def _held_out_accuracy(
+    model: HydraForCausalLM, args: argparse.Namespace
+) -> tuple[list[list[float]], HeadCalibration]:
+    """The heads' rank accuracy and calibration on the held-out split of --features."""
     from .training.features import FeatureStore
     from .training.trainer import split_sequences
-    from .tree_tuning import measure_rank_accuracy
+    from .tree_tuning import measure_calibration, measure_rank_accuracy
 
     store = FeatureStore(args.features)
     _, held_out = split_sequences(len(store), args.validation_fraction, args.seed)
-    return measure_rank_accuracy(model, store, held_out[: args.max_sequences])
+    sequences = held_out[: args.max_sequences]
+    return measure_rank_accuracy(model, store, sequences), measure_calibration(model, store, sequences)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

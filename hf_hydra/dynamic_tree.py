@@ -31,8 +31,6 @@ from torch import nn
 from .heads import DraftHeads
 from .tree import TreeBuffers, cached_tree_buffers
 
-DYNAMIC_TREE = "dynamic"  # the tree name that asks for a dynamic tree
-
 # Probability bins of the calibration: fine where most candidates are (low probabilities).
 CALIBRATION_EDGES: tuple[float, ...] = (
     0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
@@ -114,7 +112,8 @@ class DynamicTreePolicy:
     verify_cost[m - 1]: the cost of verifying m tokens in one base forward, relative to one token (the
     curve `tune-tree` measured, divided by its first entry); its length bounds the tree. overhead: the
     step's drafting and bookkeeping in the same unit. children: candidates per expanded node; width:
-    nodes expanded per depth; min_score: nodes less likely than this are not expanded nor kept."""
+    nodes expanded per depth; min_score: nodes less likely than this are not expanded nor kept (see
+    `floor`)."""
 
     verify_cost: tuple[float, ...]
     calibration: HeadCalibration = field(default_factory=HeadCalibration.identity)
@@ -136,6 +135,15 @@ class DynamicTreePolicy:
         """From `tune-tree`'s verification seconds for m = 1..M tokens."""
         relative = tuple(seconds / verify_seconds[0] for seconds in verify_seconds)
         return cls(relative, calibration or HeadCalibration.identity())
+
+    @property
+    def floor(self) -> float:
+        """The smallest score worth a node: adding a node of score s to a tree of expected length tau >= 1 at
+        the curve's mean cost per node c' pays only when s > tau c' / (cost + overhead), so below
+        c' / (verify_cost[-1] + overhead) no node pays (nor `min_score`): such nodes are neither kept nor
+        expanded."""
+        per_node = (self.verify_cost[-1] - self.verify_cost[0]) / (len(self.verify_cost) - 1)
+        return max(self.min_score, per_node / (self.verify_cost[-1] + self.overhead))
 
     def best_size(self, sorted_scores: Sequence[float]) -> int:
         """How many of the nodes (scores sorted in decreasing order) to verify: the count maximising
@@ -187,7 +195,7 @@ class ScoredNodes:
     def best(self, policy: DynamicTreePolicy) -> list[int]:
         """The nodes to verify, the root first: the most likely ones, as many as pay (`best_size`)."""
         ranked = sorted(range(1, len(self)), key=lambda node: (-self.scores[node], self.depths[node], node))
-        ranked = [node for node in ranked if self.scores[node] >= policy.min_score]
+        ranked = [node for node in ranked if self.scores[node] >= policy.floor]
         return [0, *ranked[: policy.best_size([self.scores[node] for node in ranked])]]
 
     def tree(self, chosen: list[int], device: torch.device) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
@@ -219,7 +227,7 @@ def expand_heads(
     as deep as the heads go).
 
     context: (d,) the heads' context vector at the last verified position."""
-    frontier = [0]
+    frontier, floor = [0], policy.floor
     for depth in range(1, min(max_depth if max_depth is not None else heads.num_heads, heads.num_heads) + 1):
         paths = torch.tensor([[0, *nodes.path(node)] for node in frontier])  # (F, depth): root .. node
         if heads.sequential:
@@ -234,7 +242,7 @@ def expand_heads(
         for parent, parent_scores, parent_tokens in zip(frontier, scores.tolist(), candidates.tolist(), strict=True):
             for score, token in zip(parent_scores, parent_tokens, strict=True):
                 score *= nodes.scores[parent]
-                if score >= policy.min_score:
+                if score >= floor:
                     added.append(nodes.add(parent, token, score, from_context=False))
         frontier = sorted(added, key=lambda node: -nodes.scores[node])[: policy.width]
         if not frontier:

@@ -77,7 +77,7 @@ from transformers.utils import cached_file
 from .bench_table import markdown_table
 from .configuration_hydra import HydraConfig
 from .training.features import PREPARATION_FILE  # copied by `hf-hydra train` from the feature folder
-from .tree import resolve_tree
+from .tree import DYNAMIC_TREE, resolve_tree
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,12 @@ def _hub_model_id(name: str | None) -> str | None:
 
 
 def _heads_table(config: dict, generation: dict, weights: Path) -> str:
-    tree = generation.get("hydra_tree") or [list(p) for p in resolve_tree(config.get("tree"), config["num_heads"])]
+    static = [list(p) for p in resolve_tree(config.get("tree"), config["num_heads"])]
+    default = generation.get("hydra_tree") or static
+    tree = static if default == DYNAMIC_TREE else default
+    tree_text = f"{len(tree)} nodes, depth {max(map(len, tree), default=0)}"
+    if default == DYNAMIC_TREE:
+        tree_text = f"dynamic (per step: calibrated acceptance, measured verification cost); static: {tree_text}"
     rows = [
         ("architecture", f"{_ARCH_NAMES.get(config['head_arch'], config['head_arch'])} (`{config['head_arch']}`)"),
         ("heads", f"{config['num_heads']} (head i drafts the token i + 2 positions ahead)"),
@@ -241,7 +246,7 @@ def _heads_table(config: dict, generation: dict, weights: Path) -> str:
         ("base tokenizer fingerprint", _code_or(config.get("base_tokenizer_fingerprint"), "not recorded")),
         ("hidden size / vocabulary", f"{config.get('base_hidden_size')} / {config.get('base_vocab_size')}"),
         ("parameters (heads only)", f"{_count_parameters(weights):,}" if weights.is_file() else "-"),
-        ("default tree", f"{len(tree)} nodes, depth {max(map(len, tree), default=0)} (`generation_config.hydra_tree`)"),
+        ("default tree", f"{tree_text} (`generation_config.hydra_tree`)"),
         ("acceptance", f"`{generation.get('hydra_acceptance', config.get('acceptance', 'greedy'))}`"),
     ]
     tuning = _read_json(weights.parent / TREE_TUNING_NAME)

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,12 +30,14 @@ from .attention import use_packed_gqa_attention
 from .cache_name import CACHE_NAME, cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
-from .dynamic_tree import DYNAMIC_TREE, DynamicTreePolicy, HeadCalibration
+from .dynamic_tree import DynamicTreePolicy, HeadCalibration
 from .heads import DraftHeads, build_heads
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackReport, bfloat16_supported, prepack_linear_layers
 from .step_drafts import DEFAULT_SOURCES
 from .support import ASSISTED, TREE, check_options, position_limits
-from .tree import TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
+from .tree import DYNAMIC_TREE, TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
+
+logger = logging.getLogger(__name__)
 
 HEADS_WEIGHTS_NAME = "model.safetensors"
 _HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "subfolder")
@@ -276,9 +279,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             decode = functools.partial(assisted_decoding, streamer=streamer)
             with _stop_strings_hidden(defaults, stop_strings_moved):
                 return super().generate(inputs, custom_generate=decode, **self._assisted_cache(kwargs), **kwargs)
-        if tree is None:
-            tree = getattr(kwargs.get("generation_config") or self.generation_config, "hydra_tree", self.config.tree)
-        drafted = self._dynamic_tree_policy() if tree == DYNAMIC_TREE else self.tree_buffers(tree)
+        drafted = self._drafted_tree(tree, kwargs.get("generation_config") or self.generation_config)
         decode = functools.partial(tree_speculative_generate, heads=self.heads, tree=drafted, streamer=streamer)
         if speculative == "context":
             kwargs["sources"] = "context"
@@ -321,6 +322,17 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             vocab_size=self.config.base_vocab_size,
             position_limits=position_limits(self.base_lm.config),
         )
+
+    def _drafted_tree(
+        self, tree: TreeSpec | None, generation_config: GenerationConfig
+    ) -> TreeBuffers | DynamicTreePolicy:
+        """The call's tree: `tree`, else the default (`generation_config.hydra_tree`); a default "dynamic"
+        without a policy (heads never tuned on this machine's curve) is the heads' static tree."""
+        if tree is None:
+            tree = getattr(generation_config, "hydra_tree", None) or self.config.tree
+            if tree == DYNAMIC_TREE and self.dynamic_tree is None:
+                tree = self.config.tree
+        return self._dynamic_tree_policy() if tree == DYNAMIC_TREE else self.tree_buffers(tree)
 
     def _dynamic_tree_policy(self) -> DynamicTreePolicy:
         if self.dynamic_tree is None:
@@ -448,7 +460,12 @@ def _load_base(config: HydraConfig, hub_kwargs: dict, **kwargs) -> PreTrainedMod
 
 def _load_dynamic_tree(source: str, hub_kwargs: dict) -> DynamicTreePolicy | None:
     """The dynamic tree's policy from the heads' tree_tuning.json (None without one, or without a curve)."""
-    path = cached_file(source, hub.TREE_TUNING_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    try:
+        path = cached_file(source, hub.TREE_TUNING_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    except OSError as error:  # Hub mirrors (olah) answer 401, not 404, for a file the repo lacks
+        logger.info("No %s served for %s (%s): the default tree is the heads' static tree.", hub.TREE_TUNING_NAME,
+                    source, error)
+        return None
     record = json.loads(Path(path).read_text()) if path is not None else {}
     if len(record.get("verify_seconds") or ()) < 2:
         return None

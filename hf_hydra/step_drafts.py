@@ -93,7 +93,7 @@ class StepDrafter:
         nodes = ScoredNodes(int(root))
         expand_heads(nodes, self.heads, self.policy, heads_context, self.embed_tokens, depth)
         if self.context is not None:
-            candidates = self.context.candidates(self.policy.min_score)
+            candidates = self.context.candidates(self.policy.floor)
             paths = [candidate.tokens for candidate in candidates]
             path_nodes = add_context_paths(nodes, paths, [c.probabilities for c in candidates], depth)
         chosen = nodes.best(self.policy)

@@ -35,6 +35,8 @@ NAMED_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
     "cpu_small_11": CPU_SMALL_11,
 }
 DEFAULT_TREE_NAME = "cpu_small_11"
+# Not a fixed tree: per step the most likely candidates, as many as pay (`hf_hydra.dynamic_tree`).
+DYNAMIC_TREE = "dynamic"
 
 TreeSpec = str | Sequence[Sequence[int]]
 

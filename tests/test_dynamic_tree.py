@@ -76,12 +76,13 @@ def test_the_best_nodes_include_their_ancestors_and_the_tree_keeps_tokens_in_ord
     b = nodes.add(0, 5, 0.3, from_context=False)
     a_child = nodes.add(a, 9, 0.5, from_context=False)
     nodes.add(b, 4, 0.02, from_context=False)
-    paths = add_context_paths(nodes, [(3, 9, 2, 2), (6,)], [(0.7, 0.5, 0.45, 0.4), (0.05,)], max_depth=3)
+    paths = add_context_paths(nodes, [(3, 9, 2, 2), (6,)], [(0.7, 0.5, 0.45, 0.4), (0.1,)], max_depth=3)
     assert paths[0][:2] == [a, a_child] and len(paths[0]) == 3  # shared prefix, cut at depth 3
     assert nodes.scores[a] == 0.7 and not nodes.from_context[a]  # the larger estimate; the heads proposed it
     policy = DynamicTreePolicy((1.0, 1.01, 1.02, 1.03, 1.04, 1.05, 1.5), overhead=0.0)
     chosen = nodes.best(policy)
-    assert chosen == [0, a, a_child, paths[0][2], b, paths[1][0]]  # by score; 0.02 is not worth a node
+    assert chosen == [0, a, a_child, paths[0][2], b, paths[1][0]]  # by score; 0.02 is below the floor
+    assert policy.floor == pytest.approx(0.5 / 6 / 1.5)
     tree, tokens, from_context = nodes.tree(chosen, torch.device("cpu"))
     assert tree.num_tokens == 6 and int(tokens[0]) == 7
 
@@ -98,7 +99,7 @@ def test_the_heads_expand_the_most_likely_nodes_with_their_top_candidates(tiny_m
     model = _hydra(tiny_model_factory, "llama", head_arch)
     heads, embed = model.heads, model.base_lm.get_input_embeddings()
     context = torch.randn(model.config.base_hidden_size)
-    policy = DynamicTreePolicy(FLAT.verify_cost, children=3, width=2, min_score=0.0)
+    policy = DynamicTreePolicy((1.0,) * 32, children=3, width=2, min_score=0.0)  # every node is worth it
     nodes = ScoredNodes(root_token=1)
     expand_heads(nodes, heads, policy, context, embed, max_depth=3)
     depths = torch.tensor(nodes.depths)

@@ -541,5 +541,7 @@ def test_ablation_table_joins_training_logs_and_benchmark(base_dir, features_dir
     assert "4 prompts" in table and "each heads' default tree" in table  # the report names no trees
     one_tree = {**report["settings"], "trees": {"a": [[0], [1]], "b": [[0], [1]]}}
     assert "one 2-node tree for all heads" in markdown_ablation(rows, {**report, "settings": one_tree})
+    dynamic = {**report["settings"], "trees": {"a": "dynamic", "b": "dynamic"}}
+    assert "dynamic trees for all heads" in markdown_ablation(rows, {**report, "settings": dynamic})
     with pytest.raises(FileNotFoundError, match="hf-hydra train"):
         ablation_rows({"x": tmp_path}, report)

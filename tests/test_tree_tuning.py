@@ -91,8 +91,12 @@ def test_cli_stores_the_tuned_tree_with_the_heads(base, store, tmp_path):
     report = json.loads((heads_dir / "tree_tuning.json").read_text())
     tuned = [list(p) for p in report["choice"]["paths"]]
     reloaded = HydraForCausalLM.from_pretrained(heads_dir)
-    assert reloaded.generation_config.hydra_tree == tuned
-    assert reloaded.config.tree == tuned
+    assert reloaded.generation_config.hydra_tree == "dynamic"  # the default: dynamic on the measured curve
+    assert reloaded.config.tree == tuned  # the static tree
+    verify = report["verify_seconds"]
+    assert reloaded.dynamic_tree.verify_cost == pytest.approx([t / verify[0] for t in verify])
+    assert reloaded.dynamic_tree.calibration.rates is not None  # measured on the held-out split as well
+    assert report["calibration_command"] == report["command"]
     assert (heads_dir / "model.safetensors").read_bytes() == weights  # the weights are left as they were
     expected = report["choice"]["expected_tau"]
     card = (heads_dir / "README.md").read_text()
@@ -140,8 +144,9 @@ def test_cli_retunes_for_this_machine_from_the_stored_accuracy(base, store, tmp_
     assert len(again["verify_seconds"]) == 6  # the machine, measured anew
     assert again["command"] == "hf-hydra tune-tree --heads heads/ --max-tokens 6"
     assert again["accuracy_command"] == first["command"] and again["heads_sha256"] == first["heads_sha256"]
+    assert again["calibration"] == first["calibration"]  # the heads' calibration, kept
     tuned = [list(p) for p in again["choice"]["paths"]]
-    assert HydraForCausalLM.from_pretrained(heads_dir).generation_config.hydra_tree == tuned
+    assert HydraForCausalLM.from_pretrained(heads_dir).config.tree == tuned
     card = (heads_dir / "README.md").read_text()
     assert first["command"] in card and again["command"] not in card  # the card reproduces the run on features
 

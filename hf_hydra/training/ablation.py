@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bench import AUTOREGRESSIVE
+from ..tree import DYNAMIC_TREE
 from .trainer import SUMMARY_FILE
 
 
@@ -81,9 +82,11 @@ def markdown_ablation(rows: list[AblationRow], bench_report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _trees_text(trees: dict[str, list]) -> str:
+def _trees_text(trees: dict[str, list | str]) -> str:
     """'one N-node tree for all heads' when the benchmark used one tree (`bench --tree`), else each set's own."""
     distinct = {json.dumps(paths) for paths in trees.values()}
+    if distinct == {json.dumps(DYNAMIC_TREE)}:
+        return "dynamic trees for all heads"
     if len(distinct) == 1:
         return f"one {len(next(iter(trees.values())))}-node tree for all heads"
     return "each heads' default tree"
