@@ -174,6 +174,7 @@ class ScoredNodes:
         node = self.child_of.get((parent, token))
         if node is not None:
             self.scores[node] = max(self.scores[node], score)
+            self.from_context[node] = self.from_context[node] and from_context
             return node
         node = len(self.tokens)
         self.child_of[(parent, token)] = node
@@ -197,6 +198,12 @@ class ScoredNodes:
         ranked = sorted(range(1, len(self)), key=lambda node: (-self.scores[node], self.depths[node], node))
         ranked = [node for node in ranked if self.scores[node] >= policy.floor]
         return [0, *ranked[: policy.best_size([self.scores[node] for node in ranked])]]
+
+    def marginal_score(self, policy: DynamicTreePolicy) -> float:
+        """The score of the least likely node `best` keeps (infinite when it keeps none): a node below it
+        ranks after every kept one, and so do its descendants (scores never grow along a path)."""
+        chosen = self.best(policy)
+        return min(self.scores[node] for node in chosen[1:]) if len(chosen) > 1 else float("inf")
 
     def tree(self, chosen: list[int], device: torch.device) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
         """Buffers of the chosen nodes (closed under parents, the root first, parents before children), their
@@ -223,8 +230,9 @@ def expand_heads(
     embed_tokens: nn.Embedding,
     max_depth: int | None,
 ) -> None:
-    """Add the heads' candidates to `nodes` (holding the root), depth by depth down to `max_depth` (None:
-    as deep as the heads go).
+    """Add the heads' candidates to `nodes` (holding the root and maybe context candidates), depth by depth
+    down to `max_depth` (None: as deep as the heads go). Only nodes that `best` would keep so far are
+    expanded: the others' children would rank below every kept node.
 
     context: (d,) the heads' context vector at the last verified position."""
     frontier, floor = [0], policy.floor
@@ -244,7 +252,8 @@ def expand_heads(
                 score *= nodes.scores[parent]
                 if score >= floor:
                     added.append(nodes.add(parent, token, score, from_context=False))
-        frontier = sorted(added, key=lambda node: -nodes.scores[node])[: policy.width]
+        kept = nodes.marginal_score(policy)
+        frontier = sorted((n for n in added if nodes.scores[n] >= kept), key=lambda n: -nodes.scores[n])[: policy.width]
         if not frontier:
             return
 

@@ -7,9 +7,10 @@ An artifact (a folder, or a Hub repo) is
     model.safetensors       the heads only, never base weights
     generation_config.json  the base's generation defaults plus the speculation defaults (hydra_tree, ...)
     README.md               the model card: model_cards/hydra_heads.md filled from the files beside it
-    tree_tuning.json        (optional) `hf-hydra tune-tree`'s measurements: the heads' rank accuracy on held-out
-                            text and the tuning machine's latencies (re-tune elsewhere from the accuracy alone)
-    benchmark.json          (optional) the `hf-hydra bench` report whose tau / speed-up table the card shows
+    tree_tuning.json        (optional) `hf-hydra tune-tree`'s measurements: the heads' rank accuracy and
+                            calibration on held-out text and the tuning machine's latencies (re-tune elsewhere
+                            from the accuracy alone; the dynamic tree reads the calibration and latencies)
+    benchmark.json          (optional) the summary of the `hf-hydra bench` report whose table the card shows
 
 Reference checkpoints (method.md section 5) are recognised by `read_reference_checkpoint` and mapped onto our
 heads by `load_reference_weights`, which refuses anything it cannot map exactly:
@@ -58,7 +59,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,12 +204,13 @@ def render_model_card(
 def write_model_card(
     folder: str | os.PathLike, repo_id: str | None = None, benchmark: str | os.PathLike | None = None
 ) -> Path:
-    """Write README.md into the artifact folder; a given benchmark JSON is copied beside it as benchmark.json."""
+    """Write README.md into the artifact folder; a given benchmark JSON's summary (`benchmark_summary`) is
+    written beside it as benchmark.json."""
     folder = Path(folder)
     if benchmark is not None:
-        _check_benchmark(_read_json(Path(benchmark)), Path(benchmark))
-        if Path(benchmark).resolve() != (folder / BENCHMARK_NAME).resolve():
-            shutil.copyfile(benchmark, folder / BENCHMARK_NAME)
+        report = _read_json(Path(benchmark))
+        _check_benchmark(report, Path(benchmark))
+        (folder / BENCHMARK_NAME).write_text(json.dumps(benchmark_summary(report), indent=1))
     path = folder / CARD_NAME
     path.write_text(render_model_card(folder, repo_id))
     return path
@@ -361,6 +362,12 @@ def _train_command(args: dict, features_dir: str, extra_features_dirs: list[str]
 _BENCHMARK_SUMMARY_KEYS = ("method", "tau", "tokens_per_second", "speedup_median", "speedup_total", "mismatches")
 
 
+def benchmark_summary(report: dict) -> dict:
+    """What a card needs of an `hf-hydra bench` report (settings, machine, per-method summary), without the
+    per-prompt results: the heads carry a few kilobytes, the full report stays where the bench wrote it."""
+    return {key: value for key, value in report.items() if key != "results"}
+
+
 def _check_benchmark(report: Any, path: Path) -> None:
     if not isinstance(report, dict) or not {"settings", "machine", "summary"} <= report.keys():
         raise ValueError(f"{path} is not a benchmark report of `hf-hydra bench` (needs settings, machine, summary).")
@@ -427,7 +434,8 @@ def push_folder(
             operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
     report = Path(benchmark) if benchmark is not None else folder / BENCHMARK_NAME
     if report.is_file():
-        operations.append(CommitOperationAdd(path_in_repo=BENCHMARK_NAME, path_or_fileobj=str(report)))
+        summary = json.dumps(benchmark_summary(_read_json(report)), indent=1).encode()
+        operations.append(CommitOperationAdd(path_in_repo=BENCHMARK_NAME, path_or_fileobj=summary))
     elif api.file_exists(repo_id, BENCHMARK_NAME, revision=revision):  # measured other heads: not these
         operations.append(CommitOperationDelete(path_in_repo=BENCHMARK_NAME))
     return api.create_commit(

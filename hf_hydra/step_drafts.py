@@ -91,11 +91,11 @@ class StepDrafter:
 
     def _draft_dynamic(self, depth: int | None, heads_context: torch.Tensor, root: torch.Tensor) -> StepDraft:
         nodes = ScoredNodes(int(root))
-        expand_heads(nodes, self.heads, self.policy, heads_context, self.embed_tokens, depth)
-        if self.context is not None:
+        if self.context is not None:  # first: a likely context candidate makes the heads' tree worth more nodes
             candidates = self.context.candidates(self.policy.floor)
             paths = [candidate.tokens for candidate in candidates]
             path_nodes = add_context_paths(nodes, paths, [c.probabilities for c in candidates], depth)
+        expand_heads(nodes, self.heads, self.policy, heads_context, self.embed_tokens, depth)
         chosen = nodes.best(self.policy)
         if self.context is not None:
             verified = set(chosen)

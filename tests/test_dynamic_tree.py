@@ -91,6 +91,9 @@ def test_the_best_nodes_include_their_ancestors_and_the_tree_keeps_tokens_in_ord
 
     assert {token_path(n) for n in range(1, 6)} == {(3,), (5,), (6,), (3, 9), (3, 9, 2)}
     assert from_context.tolist() == [False] + [token_path(n) in {(6,), (3, 9, 2)} for n in range(1, 6)]
+    context_first = ScoredNodes(root_token=7)
+    add_context_paths(context_first, [(3, 9)], [(0.7, 0.5)], max_depth=None)
+    assert context_first.add(0, 3, 0.6, from_context=False) == 1 and context_first.from_context == [False, False, True]
 
 
 @pytest.mark.parametrize("head_arch", HEAD_ARCHS)
