@@ -3,8 +3,10 @@ the depth the base's position scheme allows.
 
 Sources (`sources=` of the tree loop): "heads" (the draft heads on the call's tree), "context" (continuations
 copied from earlier in the sequence, `hf_hydra.context`), or "heads+context" (both, merged by prefix and
-verified in one base forward). Every candidate is a deterministic function of the sequence so far, so greedy
-output stays plain greedy's and lossless acceptance stays lossless whatever the sources.
+verified in one base forward). The heads' tree is static (the same rank paths every step, merged with the
+context's paths) or dynamic (every candidate scored and the best ones kept, `hf_hydra.dynamic_tree`). Every
+candidate is a deterministic function of the sequence so far, so greedy output stays plain greedy's and lossless
+acceptance stays lossless whatever the sources.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ from conftest import make_tiny_model
 from transformers import AutoTokenizer
 
 from hf_hydra import HydraForCausalLM, SpeculationStats, assets, bench
+from hf_hydra.dynamic_tree import DynamicTreePolicy
 from hf_hydra.prepack import PrepackedLinear, prepack_linear_layers
+from hf_hydra.step_drafts import StepDrafter
 from hf_hydra.tree import CPU_SMALL_11
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -263,3 +265,31 @@ def test_use_tree_sets_one_tree_for_every_heads_set(base):
         bench.use_tree(heads, "largest")
     with pytest.raises(ValueError, match="only 4 draft heads"):
         bench.use_tree(heads, "chain-5")
+
+
+def test_variants_run_the_static_tree_and_the_default_the_dynamic_one(base, tokenizer):
+    """`<label>` runs the heads' default (dynamic here), `<label>-static` their static tree merged with context
+    candidates, `<label>-heads` the static tree alone; the report records both trees and each method's depth."""
+    torch.manual_seed(0)
+    model = HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=3, tree=[[0], [1]])
+    model.dynamic_tree = DynamicTreePolicy(tuple(1.0 + 0.02 * m for m in range(16)))
+    model.generation_config.hydra_tree = "dynamic"
+    trees = []
+    real = StepDrafter.__init__
+
+    def record(self, sources, heads, tree, *args):
+        trees.append((sources, tree if isinstance(tree, DynamicTreePolicy) else tree.paths))
+        real(self, sources, heads, tree, *args)
+
+    methods = ["hydra", "hydra-static", "hydra-heads"]
+    runners = bench.method_runners(base, {"hydra": model}, methods)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StepDrafter, "__init__", record)
+        for method in methods:
+            runners[method](prompt, 4)
+    assert trees == [("heads+context", model.dynamic_tree), ("heads+context", ((0,), (1,))), ("heads", ((0,), (1,)))]
+    report = bench.run_bench(base, tokenizer, {"hydra": model}, assets.mt_bench_questions()[:1], methods, 4)
+    assert report["settings"]["trees"] == {"hydra": "dynamic"}
+    assert report["settings"]["static_trees"] == {"hydra": [[0], [1]]}
+    assert report["settings"]["tree_depths"] == {"hydra": 3, "hydra-static": 1, "hydra-heads": 1}
