@@ -3,11 +3,12 @@
 A static tree verifies the same rank paths every step, whether the heads are sure or lost. A dynamic tree
 scores every candidate by its estimated probability of being accepted and verifies the best ones:
 
-    expand  : the heads draft depth by depth; at each depth the `width` best-scored nodes are expanded into
-              their `children` most likely tokens (Hydra heads read the tokens chosen on each path; Medusa
-              heads give the same candidates below every parent). A head candidate's score is its parent's
-              times the head's calibrated probability of that token (`HeadCalibration`).
-    context : candidates copied from earlier in the text join the trie with their own estimates (the
+    expand  : the heads draft depth by depth; at each depth the `width` best-scored nodes that `select` would
+              keep so far are expanded into their `children` most likely tokens (Hydra heads read the tokens
+              chosen on each path; Medusa heads give the same candidates below every parent). A head
+              candidate's score is its parent's times the head's calibrated probability of that token
+              (`HeadCalibration`).
+    context : candidates copied from earlier in the text join the trie first, with their own estimates (the
               call's acceptance rate per match length, `hf_hydra.context`); a token both propose keeps the
               larger score.
     select  : with nodes sorted by score, verifying the best N adds their scores to the expected tokens of

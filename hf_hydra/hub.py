@@ -256,7 +256,7 @@ def _heads_table(config: dict, generation: dict, weights: Path) -> str:
         kernels = _tuning_kernels_text(tuning)
         rows.append((
             "tree tuning (predicted)",
-            f"`hf-hydra tune-tree` chose it: expected tau {choice['expected_tau']:.2f}, expected speed-up "
+            f"`hf-hydra tune-tree` chose the static tree: expected tau {choice['expected_tau']:.2f}, expected speed-up "
             f"{choice['expected_tokens_per_second'] * one_token:.2f}x over one-token decoding forwards{kernels}",
         ))
     reference = config.get("reference_checkpoint")
@@ -332,7 +332,8 @@ def _training_section(config: dict, folder: Path) -> str:
     lines += [_train_command(args, _prepared_folder(preparation), [_prepared_folder(c) for c in extra], num_processes)]
     tuning = _read_json(folder / TREE_TUNING_NAME) or {}
     tuning_command = tuning.get("accuracy_command") or tuning.get("command")  # the run on features, not a re-tuning
-    lines += [tuning_command, "```"] if tuning_command else ["```"]
+    commands = dict.fromkeys(c for c in (tuning_command, tuning.get("calibration_command")) if c)  # once each
+    lines += [*commands, "```"]
     return "\n".join(lines)
 
 
@@ -385,7 +386,9 @@ def _benchmark_section(report: Any, arch: str) -> str:
     return (
         markdown_table(report)
         + "\ntau = tokens appended per base forward, bonus token included; speed-up against plain greedy "
-        f"`generate` on the same prompts. These heads are the `{arch}` row.\n"
+        f"`generate` on the same prompts. These heads are the `{arch}` rows: `{arch}` ran the tree the report's "
+        f"settings name (`trees`; `dynamic` or rank paths) merged with context candidates, `{arch}-static` their "
+        f"static tree merged with them, `{arch}-heads` their static tree alone (where measured).\n"
     )
 
 
