@@ -61,10 +61,15 @@ def verify_tree(
 
 def keep_accepted(cache: DynamicCache, past: int, accepted_nodes: torch.Tensor, num_tree_tokens: int) -> None:
     """Compact the cache after a tree forward: keep the entries of `accepted_nodes` (node indices, in
-    path order) right after the `past` verified ones and drop the rest of the tree."""
-    kept = past + accepted_nodes  # (a,) cache rows to keep
-    for layer in cache.layers:
-        # Advanced indexing copies the rows first, so overlapping source and target is safe.
-        layer.keys[..., past : past + kept.shape[0], :] = layer.keys[..., kept, :]
-        layer.values[..., past : past + kept.shape[0], :] = layer.values[..., kept, :]
-    cache.crop(-(num_tree_tokens - kept.shape[0]))
+    path order) right after the `past` verified ones and drop the rest of the tree. Leading nodes already in
+    place (node i at row past + i: the root, often its first child) are not copied."""
+    nodes = accepted_nodes.tolist()
+    in_place = next((i for i, node in enumerate(nodes) if node != i), len(nodes))
+    if in_place < len(nodes):
+        moved = past + accepted_nodes[in_place:]  # (m,) cache rows to move down
+        start = past + in_place
+        for layer in cache.layers:
+            # Advanced indexing copies the rows first, so overlapping source and target is safe.
+            layer.keys[..., start : start + moved.shape[0], :] = layer.keys[..., moved, :]
+            layer.values[..., start : start + moved.shape[0], :] = layer.values[..., moved, :]
+    cache.crop(-(num_tree_tokens - len(nodes)))
