@@ -1,4 +1,5 @@
-"""tune-tree on a tiny model: rank accuracies against a direct computation, a valid and stored tree."""
+"""tune-tree and calibrate on a tiny model: rank accuracies against a direct computation, a valid and stored tree,
+the stored calibration."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ from conftest import TINY_VOCAB, make_tiny_model
 
 from hf_hydra import HydraForCausalLM
 from hf_hydra.cli import main
+from hf_hydra.dynamic_tree import HeadCalibration
 from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features
-from hf_hydra.tree_tuning import measure_rank_accuracy, measure_verify_seconds, stored_rank_accuracy, tune_tree
+from hf_hydra.tree_tuning import (
+    measure_calibration,
+    measure_rank_accuracy,
+    measure_verify_seconds,
+    stored_rank_accuracy,
+    tune_tree,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -167,3 +175,19 @@ def test_retuning_without_features_refuses_what_it_cannot_trust(base, store, tmp
     tuning.unlink()
     with pytest.raises(FileNotFoundError, match="no tree_tuning.json from an earlier tuning: pass --features"):
         main(["tune-tree", "--heads", str(heads_dir)])
+
+
+def test_cli_calibrate_stores_the_heads_calibration_beside_their_tuning(base, store, tmp_path, capsys):
+    heads_dir = _tuned_heads(base, store, tmp_path)
+    tuned = json.loads((heads_dir / "tree_tuning.json").read_text())
+    assert main(["calibrate", "--heads", str(heads_dir), "--features", str(store.folder), "--max-sequences", "4"]) == 0
+    record = json.loads((heads_dir / "tree_tuning.json").read_text())
+    model = HydraForCausalLM.from_pretrained(heads_dir)
+    expected = measure_calibration(model, store, range(4))
+    assert HeadCalibration.from_record(record["calibration"]) == expected
+    assert record["calibration_command"].startswith("hf-hydra calibrate --heads heads/ --features ")
+    assert {k: v for k, v in record.items() if not k.startswith("calibration")} == {
+        k: v for k, v in tuned.items() if not k.startswith("calibration")
+    }  # the tuning is left as it was
+    assert model.dynamic_tree.calibration == expected
+    assert "head 1: accepted share by probability bin" in capsys.readouterr().out
