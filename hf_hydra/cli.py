@@ -264,10 +264,10 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     import json
 
     from . import hub
-    from .tree_tuning import heads_digest, stored_rank_accuracy, tune_tree
+    from .tree_tuning import stored_rank_accuracy, tune_tree
 
     model = HydraForCausalLM.from_pretrained(args.heads).eval()
-    digest = heads_digest(args.heads)
+    digest = hub.heads_digest(args.heads)
     stored = None if args.features else stored_rank_accuracy(args.heads, model.config.num_heads)
     if args.prepack:
         model.prepack_base()

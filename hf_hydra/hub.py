@@ -100,6 +100,11 @@ _UNSHOWN_TRAINING_ARGS = {"features_dir", "output_dir", "base_model", "eval_ever
 # The base model's identity: revision and tokenizer fingerprint
 
 
+def heads_digest(heads_dir: str | os.PathLike) -> str:
+    """sha256 of the saved heads' weights: ties a stored tuning (accuracy, calibration) to the heads it measured."""
+    return hashlib.sha256((Path(heads_dir) / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """`sha256:<hex>` of the tokenizer's token -> id map (added tokens included). Heads trained with one
     tokenizer predict ids that mean the same strings under any tokenizer with the same fingerprint."""
@@ -251,7 +256,7 @@ def _heads_table(config: dict, generation: dict, weights: Path) -> str:
         ("acceptance", f"`{generation.get('hydra_acceptance', config.get('acceptance', 'greedy'))}`"),
     ]
     tuning = _read_json(weights.parent / TREE_TUNING_NAME)
-    if tuning:
+    if tuning and "choice" in tuning:  # written by tune-tree (`hf-hydra calibrate` alone writes no choice)
         choice, one_token = tuning["choice"], tuning["verify_seconds"][0]
         kernels = _tuning_kernels_text(tuning)
         rows.append((

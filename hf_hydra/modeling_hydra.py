@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -76,6 +77,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         self.base_lm.requires_grad_(False)
         # The policy of `tree="dynamic"`: the heads' calibration and the verification curve of `tune-tree`.
         self.dynamic_tree: DynamicTreePolicy | None = None
+        self.tree_tuning: LoadedTuning | None = None  # the heads' tree_tuning.json as loaded (saved with them)
         use_packed_gqa_attention(base_model)  # sdpa without copying the KV cache in tree verification (exact)
         # One GenerationConfig object for the wrapper and the base: every mode reads the same defaults.
         self.generation_config = base_model.generation_config = speculative_generation_config(
@@ -164,7 +166,10 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         model.generation_config = base_model.generation_config = _load_generation_config(
             source, hub_kwargs, base_model, config
         )
-        model.dynamic_tree = _load_dynamic_tree(source, hub_kwargs)
+        record = _load_tree_tuning(source, hub_kwargs)
+        if record is not None:
+            model.tree_tuning = LoadedTuning(record, heads_fingerprint(model.heads))
+            model.dynamic_tree = dynamic_tree_policy(record)
         return model.eval()
 
     def save_pretrained(
@@ -185,9 +190,25 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             )
         heads_state = {f"heads.{k}": v.contiguous() for k, v in self.heads.state_dict().items()}
         super().save_pretrained(save_directory, state_dict=heads_state, **kwargs)
+        self._save_tree_tuning(Path(save_directory))
         hub.write_model_card(save_directory, benchmark=benchmark)
         if push_to_hub:  # after the card is written (transformers' own push would upload a generic one)
             hub.push_folder(save_directory, push.pop("repo_id", Path(save_directory).name), **push)
+
+    def _save_tree_tuning(self, folder: Path) -> None:
+        """The loaded tree_tuning.json goes with the heads it measured: written beside them when the heads are
+        unchanged since loading (renewing its weights digest), dropped with a warning when they changed."""
+        if self.tree_tuning is None:
+            return
+        if heads_fingerprint(self.heads) != self.tree_tuning.fingerprint:
+            logger.warning(
+                "The heads changed since they were loaded: their %s (accuracy, calibration) is not saved with "
+                "them; run `hf-hydra tune-tree --heads %s --features ...` to measure them again.",
+                hub.TREE_TUNING_NAME, folder,
+            )
+            return
+        record = {**self.tree_tuning.record, "heads_sha256": hub.heads_digest(folder)}
+        (folder / hub.TREE_TUNING_NAME).write_text(json.dumps(record, indent=1))
 
     def push_to_hub(
         self, repo_id: str, *, benchmark: str | os.PathLike | None = None, tags: list[str] | None = None, **kwargs
@@ -458,15 +479,36 @@ def _load_base(config: HydraConfig, hub_kwargs: dict, **kwargs) -> PreTrainedMod
     )
 
 
-def _load_dynamic_tree(source: str, hub_kwargs: dict) -> DynamicTreePolicy | None:
-    """The dynamic tree's policy from the heads' tree_tuning.json (None without one, or without a curve)."""
+@dataclass(frozen=True)
+class LoadedTuning:
+    """A tree_tuning.json as loaded, and the fingerprint of the heads it was loaded with."""
+
+    record: dict
+    fingerprint: str
+
+
+def heads_fingerprint(heads: torch.nn.Module) -> str:
+    """sha256 of the heads' state as held in memory: tells whether they changed since loading."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(heads.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_tree_tuning(source: str, hub_kwargs: dict) -> dict | None:
+    """The heads' tree_tuning.json (None without one)."""
     try:
         path = cached_file(source, hub.TREE_TUNING_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
     except OSError as error:  # Hub mirrors (olah) answer 401, not 404, for a file the repo lacks
         logger.info("No %s served for %s (%s): the default tree is the heads' static tree.", hub.TREE_TUNING_NAME,
                     source, error)
         return None
-    record = json.loads(Path(path).read_text()) if path is not None else {}
+    return json.loads(Path(path).read_text()) if path is not None else None
+
+
+def dynamic_tree_policy(record: dict) -> DynamicTreePolicy | None:
+    """The dynamic tree's policy from a tree_tuning.json record (None without a verification curve)."""
     if len(record.get("verify_seconds") or ()) < 2:
         return None
     calibration = HeadCalibration.from_record(record.get("calibration"))

@@ -15,7 +15,6 @@ tuned once on held-out features can be re-tuned for another machine from the sto
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import statistics
 import time
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from .cache_name import cache_argument, output_cache
 from .drafting import draft_tree
 from .dynamic_tree import HeadCalibration, calibrate
-from .hub import TREE_TUNING_NAME, WEIGHTS_NAME
+from .hub import TREE_TUNING_NAME, WEIGHTS_NAME, heads_digest
 from .modeling_hydra import HydraForCausalLM
 from .training.features import FeatureStore
 from .tree import TreeChoice, build_tree_buffers, choose_tree
@@ -48,11 +47,6 @@ class StoredAccuracy:
 
     rank_accuracy: list[list[float]]  # [head][rank]
     command: str | None  # the `hf-hydra tune-tree --features ...` run that measured it
-
-
-def heads_digest(heads_dir: str | Path) -> str:
-    """sha256 of the saved heads' weights: ties a stored accuracy table to the heads it measured."""
-    return hashlib.sha256((Path(heads_dir) / WEIGHTS_NAME).read_bytes()).hexdigest()
 
 
 def stored_rank_accuracy(heads_dir: str | Path, num_heads: int) -> StoredAccuracy:

@@ -11,7 +11,7 @@ import torch
 from test_context import _repeating_prompts
 from test_decoding import ARCHS, HEAD_ARCHS, NEW_TOKENS, SMALL_VOCAB, _hydra, _plain, _prompts
 
-from hf_hydra import HydraForCausalLM
+from hf_hydra import HydraForCausalLM, hub
 from hf_hydra.dynamic_tree import (
     DynamicTreePolicy,
     HeadCalibration,
@@ -181,3 +181,22 @@ def test_the_dynamic_tree_is_loaded_with_the_heads_and_asked_for_by_name(tiny_mo
     assert reloaded.dynamic_tree.calibration == calibration
     out = reloaded.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=8, return_dict_in_generate=True)
     assert torch.equal(out.sequences, _plain(reloaded, prompt, max_new_tokens=8))
+
+
+def test_the_tuning_is_saved_with_unchanged_heads_only(tiny_model_factory, tmp_path, caplog) -> None:
+    model = _hydra(tiny_model_factory)
+    model.save_pretrained(tmp_path / "tuned")
+    calibration = calibrate([torch.rand(500)] * 4, [torch.rand(500) < 0.2] * 4)
+    tuning = {"verify_seconds": [0.02, 0.021, 0.023], "calibration": calibration.to_record(), "heads_sha256": "x"}
+    (tmp_path / "tuned" / "tree_tuning.json").write_text(json.dumps(tuning))
+    loaded = HydraForCausalLM.from_pretrained(tmp_path / "tuned", base_model=model.base_lm)
+    loaded.save_pretrained(tmp_path / "again")  # e.g. before push_to_hub
+    saved = json.loads((tmp_path / "again" / "tree_tuning.json").read_text())
+    assert saved == {**tuning, "heads_sha256": hub.heads_digest(tmp_path / "again")}  # renewed for the new file
+    again = HydraForCausalLM.from_pretrained(tmp_path / "again", base_model=model.base_lm)
+    assert again.dynamic_tree == loaded.dynamic_tree
+    with torch.no_grad():
+        next(again.heads.parameters()).add_(0.01)  # trained further: the measurement no longer holds
+    again.save_pretrained(tmp_path / "changed")
+    assert not (tmp_path / "changed" / "tree_tuning.json").exists()
+    assert "changed since they were loaded" in caplog.text
