@@ -2,12 +2,13 @@
 
 1. Rank accuracy of each head on held-out features (teacher forcing on the base's own text, so each
    head is measured given a correct path): rank_accuracy[k][r] = P(head k's rank-r candidate is the
-   base's greedy token).
+   base's greedy token); and their calibration (`measure_calibration`, for dynamic trees): how often a
+   candidate to which a head gives probability p is that token.
 2. Latency of one base verification forward over m = 1..M tokens on a KV cache, on this machine.
 3. `tree.choose_tree`: the greedy tree of each size, its expected tau, and the size with the most
    expected tokens per second (drafting time measured for each candidate tree).
 
-The accuracy table belongs to the heads, the latencies to the machine: `tree_tuning.json` keeps both, so heads
+The accuracy and calibration belong to the heads, the latencies to the machine: `tree_tuning.json` keeps them, so heads
 tuned once on held-out features can be re-tuned for another machine from the stored table
 (`stored_rank_accuracy`), without the features.
 """
