@@ -312,12 +312,12 @@ def _held_out_accuracy(
     """The heads' rank accuracy and calibration on the held-out split of --features."""
     from .training.features import FeatureStore
     from .training.trainer import split_sequences
-    from .tree_tuning import measure_calibration, measure_rank_accuracy
+    from .tree_tuning import measure_heads
 
     store = FeatureStore(args.features)
     _, held_out = split_sequences(len(store), args.validation_fraction, args.seed)
-    sequences = held_out[: args.max_sequences]
-    return measure_rank_accuracy(model, store, sequences), measure_calibration(model, store, sequences)
+    measured = measure_heads(model, store, held_out[: args.max_sequences])
+    return measured.rank_accuracy, measured.calibration
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

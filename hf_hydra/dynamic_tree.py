@@ -23,6 +23,7 @@ before the step's verification: greedy output stays plain greedy's and lossless 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from .heads import DraftHeads
-from .tree import TreeBuffers, cached_tree_buffers
+from .tree import TreeBuffers, tree_of_rank_paths
 
 # Probability bins of the calibration: fine where most candidates are (low probabilities).
 CALIBRATION_EDGES: tuple[float, ...] = (
@@ -70,10 +71,14 @@ class HeadCalibration:
         """Calibrated acceptance probabilities of head `head`'s candidates, same shape as `probabilities`."""
         if self.rates is None:
             return probabilities
-        row = self.rates[min(head, len(self.rates) - 1)]
-        edges = torch.tensor(self.edges[1:-1], dtype=probabilities.dtype, device=probabilities.device)
-        bins = torch.bucketize(probabilities, edges, right=True)
-        return torch.tensor(row, dtype=probabilities.dtype, device=probabilities.device)[bins]
+        inner_edges, rates = (t.to(probabilities) for t in self._tensors)
+        bins = torch.bucketize(probabilities, inner_edges, right=True)
+        return rates[min(head, rates.shape[0] - 1)][bins]
+
+    @functools.cached_property
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inner bin edges (B - 1,) and the rates (H, B) as float32 tensors, made once per calibration."""
+        return torch.tensor(self.edges[1:-1]), torch.tensor(self.rates)
 
 
 def calibrate(
@@ -137,7 +142,7 @@ class DynamicTreePolicy:
         relative = tuple(seconds / verify_seconds[0] for seconds in verify_seconds)
         return cls(relative, calibration or HeadCalibration.identity())
 
-    @property
+    @functools.cached_property
     def floor(self) -> float:
         """The smallest score worth a node: adding a node of score s to a tree of expected length tau >= 1 at
         the curve's mean cost per node c' pays only when s > tau c' / (cost + overhead), so below
@@ -215,11 +220,10 @@ class ScoredNodes:
             parent = self.parents[node]
             rank_path[node] = rank_path[parent] + (child_count.get(parent, 0),)
             child_count[parent] = child_count.get(parent, 0) + 1
-        order = sorted(chosen, key=lambda node: (len(rank_path[node]), rank_path[node]))
-        buffers = cached_tree_buffers(tuple(rank_path[node] for node in order[1:]), str(device))
-        tokens = torch.tensor([self.tokens[node] for node in order], device=device)
-        from_context = torch.tensor([self.from_context[node] for node in order], device=device)
-        return buffers, tokens, from_context
+        return tree_of_rank_paths(
+            [rank_path[node] for node in chosen], [self.tokens[node] for node in chosen],
+            [self.from_context[node] for node in chosen], device,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -238,9 +242,10 @@ def expand_heads(
     context: (d,) the heads' context vector at the last verified position."""
     frontier, floor = [0], policy.floor
     for depth in range(1, min(max_depth if max_depth is not None else heads.num_heads, heads.num_heads) + 1):
-        paths = torch.tensor([[0, *nodes.path(node)] for node in frontier])  # (F, depth): root .. node
         if heads.sequential:
-            path_tokens = torch.tensor(nodes.tokens, device=context.device)[paths.to(context.device)]
+            path_tokens = torch.tensor(
+                [[nodes.tokens[n] for n in (0, *nodes.path(node))] for node in frontier], device=context.device
+            )  # (F, depth): the tokens from the root down to each frontier node
             logits = heads(depth - 1, context.expand(len(frontier), -1), embed_tokens(path_tokens))  # (F, V or K)
         else:
             logits = heads(depth - 1, context[None], None).expand(len(frontier), -1)  # (F, V or K)

@@ -237,11 +237,20 @@ def merge_token_paths(
         node = 0
         for token in path:
             node = trie.child(node, token)
-    order = sorted(range(len(trie.tokens)), key=lambda node: (len(trie.rank_paths[node]), trie.rank_paths[node]))
-    merged = cached_tree_buffers(tuple(trie.rank_paths[node] for node in order[1:]), str(tokens.device))
-    merged_tokens = torch.tensor([trie.tokens[node] for node in order], device=tokens.device)
-    from_extra = torch.tensor([node >= tree.num_tokens for node in order], device=tokens.device)
-    return merged, merged_tokens, from_extra
+    from_extra = [node >= tree.num_tokens for node in range(len(trie.tokens))]
+    return tree_of_rank_paths(trie.rank_paths, trie.tokens, from_extra, tokens.device)
+
+
+def tree_of_rank_paths(
+    rank_paths: Sequence[tuple[int, ...]], tokens: Sequence[int], flags: Sequence[bool], device: torch.device
+) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
+    """Buffers of a trie's nodes given by their rank paths (the root's is ()), with their tokens (T,) long and a
+    flag per node (T,) bool, all in the buffers' node order `(depth, path)`."""
+    order = sorted(range(len(rank_paths)), key=lambda node: (len(rank_paths[node]), rank_paths[node]))
+    buffers = cached_tree_buffers(tuple(rank_paths[node] for node in order[1:]), str(device))
+    ordered_tokens = torch.tensor([tokens[node] for node in order], device=device)
+    ordered_flags = torch.tensor([flags[node] for node in order], dtype=torch.bool, device=device)
+    return buffers, ordered_tokens, ordered_flags
 
 
 class _TokenTrie:

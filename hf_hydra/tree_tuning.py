@@ -70,35 +70,55 @@ def stored_rank_accuracy(heads_dir: str | Path, num_heads: int) -> StoredAccurac
     return StoredAccuracy(rows, record.get("accuracy_command", record.get("command")))
 
 
-@torch.no_grad()
 def measure_rank_accuracy(
     model: HydraForCausalLM, store: FeatureStore, sequence_indices: Sequence[int], max_rank: int = 10
 ) -> list[list[float]]:
     """rank_accuracy[k][r] for heads k and ranks r < max_rank over the given (held-out) sequences."""
-    hits = torch.zeros(model.heads.num_heads, max_rank)
-    totals = torch.zeros(model.heads.num_heads)
-    for head, rows, columns in _teacher_forced_heads(model, store, sequence_indices, "rank accuracy"):
-        target_logit = rows.gather(1, columns.clamp(min=0)[:, None])  # (N, 1)
-        rank = (rows > target_logit).sum(dim=1)  # (N,) 0 = top-1
-        rank[columns < 0] = max_rank  # outside the draft vocabulary: never drafted
-        hits[head] += torch.bincount(rank[rank < max_rank], minlength=max_rank).float()
-        totals[head] += columns.numel()
-    return (hits / totals.clamp(min=1)[:, None]).tolist()
+    return measure_heads(model, store, sequence_indices, max_rank).rank_accuracy
 
 
-@torch.no_grad()
 def measure_calibration(
     model: HydraForCausalLM, store: FeatureStore, sequence_indices: Sequence[int], candidates: int = 8
 ) -> HeadCalibration:
     """How often a head's candidate with probability p is the base's token, per head, over the `candidates`
     most likely candidates at every position of the given (held-out) sequences (`dynamic_tree.calibrate`)."""
-    probabilities: list[list[torch.Tensor]] = [[] for _ in range(model.heads.num_heads)]
-    hits: list[list[torch.Tensor]] = [[] for _ in range(model.heads.num_heads)]
-    for head, rows, columns in _teacher_forced_heads(model, store, sequence_indices, "calibration"):
+    return measure_heads(model, store, sequence_indices, candidates=candidates).calibration
+
+
+@dataclass(frozen=True)
+class HeadMeasurements:
+    """What one teacher-forced pass over held-out features measures of the heads."""
+
+    rank_accuracy: list[list[float]]  # [head][rank]
+    calibration: HeadCalibration
+
+
+@torch.no_grad()
+def measure_heads(
+    model: HydraForCausalLM,
+    store: FeatureStore,
+    sequence_indices: Sequence[int],
+    max_rank: int = 10,
+    candidates: int = 8,
+) -> HeadMeasurements:
+    """The heads' rank accuracy and calibration in one teacher-forced pass over the given sequences."""
+    num_heads = model.heads.num_heads
+    hits, totals = torch.zeros(num_heads, max_rank), torch.zeros(num_heads)
+    probabilities: list[list[torch.Tensor]] = [[] for _ in range(num_heads)]
+    candidate_hits: list[list[torch.Tensor]] = [[] for _ in range(num_heads)]
+    for head, rows, columns in _teacher_forced_heads(model, store, sequence_indices, "heads' accuracy"):
+        target_logit = rows.gather(1, columns.clamp(min=0)[:, None])  # (N, 1)
+        rank = (rows > target_logit).sum(dim=1)  # (N,) 0 = top-1
+        rank[columns < 0] = max_rank  # outside the draft vocabulary: never drafted
+        hits[head] += torch.bincount(rank[rank < max_rank], minlength=max_rank).float()
+        totals[head] += columns.numel()
         top = rows.float().softmax(dim=-1).topk(candidates, dim=-1)  # (N, candidates)
         probabilities[head].append(top.values.flatten())
-        hits[head].append((top.indices == columns[:, None]).flatten())
-    return calibrate([torch.cat(p) for p in probabilities], [torch.cat(h) for h in hits])
+        candidate_hits[head].append((top.indices == columns[:, None]).flatten())
+    return HeadMeasurements(
+        rank_accuracy=(hits / totals.clamp(min=1)[:, None]).tolist(),
+        calibration=calibrate([torch.cat(p) for p in probabilities], [torch.cat(h) for h in candidate_hits]),
+    )
 
 
 def _teacher_forced_heads(
