@@ -183,7 +183,7 @@ class DraftHeads(nn.Module):
     ) -> PrepackReport:
         """CPU inference: every linear layer and the shared vocabulary projection prepacked for oneDNN (in
         place, see `hf_hydra.prepack`), computing in `compute_dtype`; the heads cannot train or save after."""
-        report = prepack_linear_layers(self, batch_size_hint, compute_dtype)
+        report = prepack_linear_layers(self, batch_size_hint, compute_dtype, kernel="onednn")
         if self.config.vocab_projection in SHARED_PROJECTIONS:
             weight = self.shared_output_weight  # (V or K, d)
             self.packed_shared_output = PrepackedLinear(weight, None, batch_size_hint, compute_dtype)

@@ -33,7 +33,13 @@ from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .dynamic_tree import DynamicTreePolicy, HeadCalibration
 from .heads import DraftHeads, build_heads
-from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackReport, bfloat16_supported, prepack_linear_layers
+from .prepack import (
+    DEFAULT_BATCH_SIZE_HINT,
+    PrepackReport,
+    bfloat16_supported,
+    packable_on_cpu,
+    prepack_linear_layers,
+)
 from .step_drafts import DEFAULT_SOURCES
 from .support import ASSISTED, TREE, check_options, position_limits
 from .tree import DYNAMIC_TREE, TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
@@ -78,6 +84,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         # The policy of `tree="dynamic"`: the heads' calibration and the verification curve of `tune-tree`.
         self.dynamic_tree: DynamicTreePolicy | None = None
         self.tree_tuning: LoadedTuning | None = None  # the heads' tree_tuning.json as loaded (saved with them)
+        self.base_prepack: PrepackReport | None = None  # what prepack_base packed, None while the base is stock
         use_packed_gqa_attention(base_model)  # sdpa without copying the KV cache in tree verification (exact)
         # One GenerationConfig object for the wrapper and the base: every mode reads the same defaults.
         self.generation_config = base_model.generation_config = speculative_generation_config(
@@ -136,9 +143,14 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         *model_args,
         base_model: PreTrainedModel | None = None,
         config: HydraConfig | None = None,
+        prepack: bool | None = None,
         **kwargs,
     ) -> HydraForCausalLM:
         """Load heads from a folder or Hub repo; the base comes from `base_model` or from the config.
+
+        prepack: pack the base's linear layers for fast CPU inference (`prepack_base`). None (the default): yes
+        when this call loads the base itself onto the CPU in float32; a `base_model` you pass stays as it is.
+        False keeps torch's own layers (a packed base cannot train, move device or change dtype).
 
         Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the heads (`token`,
         `cache_dir` and `local_files_only` to the base too); other keyword arguments (e.g. `dtype`, `device_map`)
@@ -152,14 +164,17 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         reference = hub.read_reference_checkpoint(source, hub_kwargs) if config is None else None
         if config is None:
             config = reference.config if reference is not None else HydraConfig.from_pretrained(source, **hub_kwargs)
+        if prepack is None:
+            prepack = base_model is None
         if base_model is None:
             base_model = _load_base(config, hub_kwargs, **kwargs)
         else:
             hub.warn_if_base_differs(config, base_model)
+        prepack = prepack and packable_on_cpu(base_model)
         if reference is not None:
             model = cls(hub.config_for_base(reference, base_model), base_model)
             hub.load_reference_weights(model, reference)
-            return model.eval()
+            return model._loaded(prepack)
         weights = _load_heads_state(source, hub_kwargs)
         model = cls(config, base_model, weights.get("heads.draft_token_ids"))
         _load_heads_weights(model, weights, source)
@@ -170,7 +185,12 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         if record is not None:
             model.tree_tuning = LoadedTuning(record, heads_fingerprint(model.heads))
             model.dynamic_tree = dynamic_tree_policy(record)
-        return model.eval()
+        return model._loaded(prepack)
+
+    def _loaded(self, prepack: bool) -> HydraForCausalLM:
+        if prepack:
+            self.prepack_base()
+        return self.eval()
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, benchmark: str | os.PathLike | None = None, **kwargs
@@ -314,12 +334,15 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         cache = kwargs.pop(CACHE_NAME, None)
         return cache_argument(DynamicCache(config=self.base_lm.config) if cache is None else cache)
 
-    def prepack_base(self, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT) -> PrepackReport:
-        """CPU inference: replace the base's float32 `nn.Linear` layers by oneDNN-prepacked ones (in place;
-        see `hf_hydra.prepack`), so that verifying a few tokens costs less than a stock one-token forward.
-        Speculative and plain `generate` both use them; outputs agree with the stock kernels' up to float
-        rounding. The heads are untouched and save as before; the base cannot train or move device after."""
-        return prepack_linear_layers(self.base_lm, batch_size_hint)
+    def prepack_base(self, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT, kernel: str = "auto") -> PrepackReport:
+        """CPU inference: replace the base's float32 `nn.Linear` layers by packed ones (in place; see
+        `hf_hydra.prepack`; the faster of oneDNN's and the AVX2 panel kernels on this machine by default), so
+        that verifying a few tokens costs about a stock one-token forward. `from_pretrained` does this itself
+        for a base it loads onto the CPU. Speculative and plain `generate` both use them; outputs agree with the
+        stock kernels' up to float rounding. The heads are untouched and save as before; the base cannot train
+        or move device after."""
+        self.base_prepack = prepack_linear_layers(self.base_lm, batch_size_hint, kernel=kernel)
+        return self.base_prepack
 
     def prepack_heads(
         self, compute_dtype: torch.dtype | None = None, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT

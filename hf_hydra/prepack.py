@@ -1,4 +1,4 @@
-"""Prepacked oneDNN linear layers: few-token forwards that cost less than a stock one-token forward on CPUs.
+"""Prepacked linear layers: few-token forwards that cost less than a stock one-token forward on CPUs.
 
 torch's stock float32 CPU matmul (MKL) handles a handful of rows badly: measured on SmolLM2-135M with one
 thread, a forward over 2-3 tokens costs 1.7-1.9x a one-token forward and 4-12 tokens 1.3-1.7x, so the
@@ -12,16 +12,26 @@ draft-vocabulary projection once per head call, and after a base forward has flu
 most of the drafting time (measured on SmolLM2's Hydra++ heads, 8 MT-Bench prompts: drafting 6.7 -> 2.8 ms a
 step, tau the same on 7 prompts and 1.44 -> 1.46 on the eighth). The base stays float32: it decides every token.
 
+Two kernels pack the base, and `prepack_linear_layers` times both on the model's own layers and keeps the faster
+(`kernel="auto"`): oneDNN's (this module) and the AVX2 panel kernels of `hf_hydra.cpu_kernels`, which stream the
+weights at the memory limit where oneDNN does not (measured on a 2-core AVX2 EPYC: a 1-token SmolLM2 forward
+62 ms against oneDNN's 77 and stock 81, one thread; docs/ has the figures).
+
 Inference only: the packed weight is an opaque oneDNN tensor (no autograd, no moving or casting, no copying;
 not saved). Such requests are a RuntimeError saying so.
 """
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .cpu_kernels import PanelLinear, kernel_library
 
 DEFAULT_BATCH_SIZE_HINT = 8  # the row count oneDNN tunes the blocked layout for (a small verification tree)
 
@@ -72,8 +82,9 @@ class PrepackedLinear(nn.Module):
         probe = fn(torch.empty(0))
         if probe.device.type != "cpu" or probe.dtype != torch.float32:
             raise RuntimeError(
-                f"A prepacked layer cannot move or change dtype (to {probe.device.type} / {probe.dtype}): its weight "
-                "is an opaque oneDNN tensor. Move or cast the model before prepacking, or reload it."
+                f"A prepacked layer cannot move or change dtype (to {probe.device.type} / {probe.dtype}): its "
+                "weight is an opaque oneDNN tensor. Move or cast the model before prepacking, or reload it "
+                "(from_pretrained(..., prepack=False) keeps torch's own layers)."
             )
         return self
 
@@ -114,9 +125,13 @@ def _check_compute_dtype(compute_dtype: torch.dtype) -> None:
 class PrepackReport:
     """What `prepack_linear_layers` replaced."""
 
-    layers: int  # nn.Linear modules (or projections) replaced by PrepackedLinear
+    layers: int  # nn.Linear modules (or projections) replaced by packed ones
     parameters: int  # weight elements now served from packed copies
     compute_dtype: torch.dtype = torch.float32
+    kernel: str = "onednn"  # "onednn" (PrepackedLinear) or "panel" (hf_hydra.cpu_kernels.PanelLinear)
+
+
+KERNELS = ("auto", "onednn", "panel")
 
 
 def check_prepackable(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -144,12 +159,85 @@ def check_prepackable(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear
     return linears
 
 
+def packable_on_cpu(module: nn.Module) -> bool:
+    """Whether `prepack_linear_layers(module)` applies: float32 linear layers on the CPU, oneDNN in torch."""
+    try:
+        check_prepackable(module)
+    except ValueError:
+        return False
+    return True
+
+
 def prepack_linear_layers(
-    module: nn.Module, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT, compute_dtype: torch.dtype = torch.float32
+    module: nn.Module,
+    batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT,
+    compute_dtype: torch.dtype = torch.float32,
+    kernel: str = "auto",
 ) -> PrepackReport:
-    """Replace every plain `nn.Linear` of `module` (in place) by a `PrepackedLinear` with the same weights."""
+    """Replace every plain `nn.Linear` of `module` (in place) by a packed layer with the same weights.
+
+    kernel: "onednn" (`PrepackedLinear`), "panel" (`PanelLinear`, float32 on AVX2 CPUs) or "auto": the faster
+    of the two on this machine for a sample of `module`'s own layers (`choose_kernel`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     linears = check_prepackable(module)
+    if kernel == "auto":
+        kernel = choose_kernel([linear for _, _, linear in linears], compute_dtype)
+    if kernel == "panel":
+        _check_panel(compute_dtype)
     for parent, name, linear in linears:
-        setattr(parent, name, PrepackedLinear.from_linear(linear, batch_size_hint, compute_dtype))
+        packed = (
+            PanelLinear.from_linear(linear)
+            if kernel == "panel"
+            else PrepackedLinear.from_linear(linear, batch_size_hint, compute_dtype)
+        )
+        setattr(parent, name, packed)
     parameters = sum(linear.weight.numel() for _, _, linear in linears)
-    return PrepackReport(layers=len(linears), parameters=parameters, compute_dtype=compute_dtype)
+    return PrepackReport(layers=len(linears), parameters=parameters, compute_dtype=compute_dtype, kernel=kernel)
+
+
+def _check_panel(compute_dtype: torch.dtype) -> None:
+    if compute_dtype != torch.float32:
+        raise ValueError(f"The panel kernels compute in float32, not {compute_dtype}; use kernel='onednn'.")
+    library = kernel_library()
+    if library.library is None:
+        raise ValueError(f"The panel kernels are unavailable: {library.reason}. Use kernel='onednn'.")
+
+
+SAMPLE_BYTES = 64 * 2**20  # more than a CPU's last-level cache: the timing streams weights from memory
+SAMPLE_ROWS = (1, 4)  # a decoding step and a small verification tree
+
+
+def choose_kernel(linears: list[nn.Linear], compute_dtype: torch.dtype = torch.float32) -> str:
+    """The faster kernel on this machine for these layers: oneDNN's or the panel kernels (float32 only, where
+    they build). Both are timed on about 64 MB of the layers (cycled), 1 and 4 rows, interleaved, median of 5;
+    the choice is remembered per process for the same layer shapes."""
+    if compute_dtype != torch.float32 or kernel_library().library is None:
+        return "onednn"
+    sample, size = [], 0
+    while size < SAMPLE_BYTES:
+        linear = linears[len(sample) % len(linears)]
+        sample.append(linear)
+        size += linear.weight.numel() * 4
+    return _timed_choice(tuple(tuple(linear.weight.shape) for linear in sample), torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=8)
+def _timed_choice(shapes: tuple[tuple[int, int], ...], threads: int) -> str:
+    """Time both kernels on random weights of these shapes (the values do not change the cost)."""
+    weights = [torch.randn(shape) for shape in shapes]
+    candidates = {
+        "onednn": [PrepackedLinear(weight) for weight in weights],
+        "panel": [PanelLinear(weight) for weight in weights],
+    }
+    inputs = {rows: [torch.randn(rows, shape[1]) for shape in shapes] for rows in SAMPLE_ROWS}
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for _ in range(6):  # the first round warms up
+            for name, layers in candidates.items():
+                start = time.perf_counter()
+                for rows in SAMPLE_ROWS:
+                    for layer, x in zip(layers, inputs[rows], strict=True):
+                        layer(x)
+                seconds[name].append(time.perf_counter() - start)
+    return min(candidates, key=lambda name: statistics.median(seconds[name][1:]))

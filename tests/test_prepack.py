@@ -1,8 +1,8 @@
-"""Tests for hf_hydra.prepack: oneDNN-prepacked linear layers for CPU inference.
+"""Tests for hf_hydra.prepack: packed linear layers (oneDNN's, or the AVX2 panel kernels) for CPU inference.
 
 A prepacked base must compute what the stock one computes (up to float rounding), prepacked heads what the
 stock heads compute (up to bfloat16 rounding), and speculative decoding on them must still give plain
-greedy's tokens exactly, on every tiny architecture and head arch.
+greedy's tokens exactly, on every tiny architecture and head arch, with either kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hf_hydra import HydraForCausalLM
+from hf_hydra.cpu_kernels import PanelLinear, kernel_library
 from hf_hydra.prepack import PrepackedLinear, PrepackReport, bfloat16_supported, prepack_linear_layers
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma")  # qwen2's q/k/v projections have biases
@@ -25,6 +26,10 @@ VOCAB = 16
 DRAFT_IDS = torch.tensor([3, 1, 4, 15, 9, 2, 6, 5])
 
 needs_bfloat16 = pytest.mark.skipif(not bfloat16_supported(), reason="oneDNN has no bfloat16 kernels on this CPU")
+KERNELS = ["onednn", pytest.param("panel", marks=pytest.mark.skipif(
+    kernel_library().library is None, reason=f"no panel kernels here: {kernel_library().reason}"
+))]
+PACKED_TYPES = {"onednn": PrepackedLinear, "panel": PanelLinear}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,24 +82,28 @@ def test_bfloat16_prepacked_linear_computes_the_bfloat16_rounded_linear(shape: t
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)  # the output itself is rounded to bfloat16
 
 
-def test_report_counts_every_linear_and_replaces_them_all(tiny_model_factory) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_report_counts_every_linear_and_replaces_them_all(tiny_model_factory, kernel: str) -> None:
     model = _hydra(tiny_model_factory, "qwen2")
     linears = [m for m in model.base_lm.modules() if type(m) is nn.Linear]
     head_linears = [m for m in model.heads.modules() if type(m) is nn.Linear]
-    report = model.prepack_base()
-    assert report == PrepackReport(layers=len(linears), parameters=sum(m.weight.numel() for m in linears))
+    report = model.prepack_base(kernel=kernel)
+    parameters = sum(m.weight.numel() for m in linears)
+    assert report == PrepackReport(layers=len(linears), parameters=parameters, kernel=kernel)
+    assert model.base_prepack == report
     assert not any(type(m) is nn.Linear for m in model.base_lm.modules())
-    assert sum(isinstance(m, PrepackedLinear) for m in model.base_lm.modules()) == len(linears)
+    assert sum(isinstance(m, PACKED_TYPES[kernel]) for m in model.base_lm.modules()) == len(linears)
     assert [m for m in model.heads.modules() if type(m) is nn.Linear] == head_linears  # the heads are untouched
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("tree", ["chain", "cpu_small_11", "mc_sim_7b_63"])
 @pytest.mark.parametrize("head_arch", HEAD_ARCHS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_speculative_on_a_prepacked_base_equals_stock_greedy(tiny_model_factory, arch, head_arch, tree) -> None:
+def test_speculative_on_a_prepacked_base_equals_stock_greedy(tiny_model_factory, arch, head_arch, tree, kernel):
     model = _hydra(tiny_model_factory, arch, head_arch)
     stock = copy.deepcopy(model.base_lm)
-    model.prepack_base()
+    model.prepack_base(kernel=kernel)
     for prompt in _prompts():
         expected = stock.generate(prompt, do_sample=False, max_new_tokens=24)
         fast = model.generate(prompt, speculative=True, tree=tree, do_sample=False, max_new_tokens=24)
@@ -103,10 +112,11 @@ def test_speculative_on_a_prepacked_base_equals_stock_greedy(tiny_model_factory,
         assert torch.equal(plain, expected)
 
 
-def test_assisted_mode_on_a_prepacked_base_equals_stock_greedy(tiny_model_factory) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_assisted_mode_on_a_prepacked_base_equals_stock_greedy(tiny_model_factory, kernel: str) -> None:
     model = _hydra(tiny_model_factory)
     stock = copy.deepcopy(model.base_lm)
-    model.prepack_base()
+    model.prepack_base(kernel=kernel)
     for prompt in _prompts():
         expected = stock.generate(prompt, do_sample=False, max_new_tokens=24)
         assert torch.equal(model.generate(prompt, speculative="assisted", do_sample=False, max_new_tokens=24), expected)
@@ -194,11 +204,17 @@ def test_other_dtypes_are_a_value_error(tiny_model_factory, dtype: torch.dtype) 
         model.prepack_base()
 
 
-def test_prepacking_twice_is_a_value_error(tiny_model_factory) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prepacking_twice_is_a_value_error(tiny_model_factory, kernel: str) -> None:
     model = _hydra(tiny_model_factory)
-    model.prepack_base()
+    model.prepack_base(kernel=kernel)
     with pytest.raises(ValueError, match="already prepacked"):
-        model.prepack_base()
+        model.prepack_base(kernel=kernel)
+
+
+def test_an_unknown_kernel_is_a_value_error(tiny_model_factory) -> None:
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        _hydra(tiny_model_factory).prepack_base(kernel="mkl")
 
 
 def test_a_module_without_linears_is_a_value_error() -> None:
@@ -214,7 +230,7 @@ def test_training_through_a_prepacked_layer_is_a_runtime_error() -> None:
 
 def test_moving_casting_or_copying_a_prepacked_layer_is_a_clear_error(tiny_model_factory) -> None:
     model = _hydra(tiny_model_factory)
-    model.prepack_base()
+    model.prepack_base(kernel="onednn")
     model.to("cpu")  # a no-op is fine
     model.float()
     with pytest.raises(RuntimeError, match="cannot move or change dtype"):

@@ -1,0 +1,156 @@
+"""Tests for hf_hydra.cpu_kernels: the AVX2 panel kernels compute `nn.Linear` up to float rounding.
+
+Odd sizes (partial panels, row counts that split into uneven groups, inner sizes that are not multiples of 8),
+biases, batched and non-contiguous inputs, one thread and two, the tied lm_head of a real architecture; and the
+build: cached per machine, and a clear reason (with torch's kernels kept) where it cannot be built.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hf_hydra import cpu_kernels
+from hf_hydra.cpu_kernels import PANEL, PanelLinear, kernel_library, pack_panels
+from hf_hydra.prepack import choose_kernel, prepack_linear_layers
+
+pytestmark = pytest.mark.skipif(kernel_library().library is None, reason=f"no panel kernels: {kernel_library().reason}")
+
+
+def _check(linear: nn.Linear, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = linear(x)
+        got = PanelLinear.from_linear(linear)(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    scale = max(1.0, linear.in_features**0.5)  # an in-order float32 sum against MKL's blocked one
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("out_features", [1, 15, PANEL, 17, 40, 200])
+@pytest.mark.parametrize("in_features", [1, 7, 64, 577])
+def test_odd_sizes(out_features: int, in_features: int) -> None:
+    torch.manual_seed(out_features * 1000 + in_features)
+    _check(nn.Linear(in_features, out_features), torch.randn(5, in_features))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 32, 300])
+def test_every_row_count(rows: int) -> None:
+    torch.manual_seed(rows)
+    _check(nn.Linear(96, 48, bias=False), torch.randn(rows, 96))
+
+
+@pytest.mark.parametrize("shape", [(96,), (2, 3, 96), (1, 7, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_inputs_and_bias(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(0)
+    _check(nn.Linear(96, 33, bias=bias), torch.randn(shape))
+
+
+def test_non_contiguous_inputs() -> None:
+    torch.manual_seed(0)
+    _check(nn.Linear(64, 40), torch.randn(64, 6).t())  # (6, 64), column-major
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_split_the_panels_exactly(threads: int) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(576, 1536)
+    x = torch.randn(4, 576)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            single = PanelLinear.from_linear(layer)(x)
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            split = PanelLinear.from_linear(layer)(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(single, split)  # each output is one sum, whichever thread computes it
+
+
+def test_panels_are_the_weight_columns_padded_with_zeros() -> None:
+    weight = torch.arange(17 * 3, dtype=torch.float32).view(17, 3)
+    panels = pack_panels(weight)
+    assert panels.shape == (2, 3, PANEL)
+    assert torch.equal(panels[0].t(), weight[:PANEL])
+    assert torch.equal(panels[1, :, 0], weight[PANEL])
+    assert not panels[1, :, 1:].any()
+
+
+def test_tied_lm_head_of_a_real_architecture(tiny_model_factory) -> None:
+    """Packing the lm_head copies the tied embedding: the embedding keeps serving lookups, the logits match."""
+    model = tiny_model_factory("llama", seed=0, vocab_size=50, tie_word_embeddings=True)
+    stock = copy.deepcopy(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    report = prepack_linear_layers(model, kernel="panel")
+    assert report.kernel == "panel" and isinstance(model.lm_head, PanelLinear)
+    prompt = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt).logits, stock(prompt).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_through_a_panel_layer_is_a_runtime_error() -> None:
+    layer = PanelLinear.from_linear(nn.Linear(8, 4))
+    with pytest.raises(RuntimeError, match="inference only"):
+        layer(torch.randn(2, 8, requires_grad=True))
+
+
+def test_wrong_inputs_are_clear_errors() -> None:
+    layer = PanelLinear.from_linear(nn.Linear(8, 4))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="CPU float32 inputs"):
+        layer(torch.randn(2, 8, dtype=torch.float64))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inputs of size 8"):
+        layer(torch.randn(2, 9))
+
+
+def test_casting_is_a_clear_error_and_copying_works() -> None:
+    layer = nn.Sequential(PanelLinear.from_linear(nn.Linear(8, 4)))
+    layer.to("cpu").float()  # no-ops are fine
+    with pytest.raises(RuntimeError, match="prepack=False"):
+        layer.half()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))
+
+
+def test_auto_choice_is_one_of_the_kernels() -> None:
+    layers = [nn.Linear(576, 1536) for _ in range(2)]
+    assert choose_kernel(layers) in ("onednn", "panel")
+    assert choose_kernel(layers, torch.bfloat16) == "onednn"  # the panel kernels are float32
+
+
+def test_the_library_is_built_once_per_machine(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HYDRA_CACHE", str(tmp_path))
+    kernel_library.cache_clear()
+    try:
+        assert kernel_library().library is not None
+        built = list((tmp_path / "kernels").glob("packed_linear-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        kernel_library.cache_clear()
+        assert kernel_library().library is not None
+        assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        kernel_library.cache_clear()
+
+
+def test_no_compiler_keeps_torch_kernels_with_a_reason(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HYDRA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernel_library.cache_clear()
+    try:
+        library = kernel_library()
+        assert library.library is None and "building the AVX2 kernels failed" in library.reason
+        model = nn.Sequential(nn.Linear(16, 8))
+        assert prepack_linear_layers(model).kernel == "onednn"  # auto falls back
+        with pytest.raises(ValueError, match="panel kernels are unavailable"):
+            prepack_linear_layers(nn.Sequential(nn.Linear(16, 8)), kernel="panel")
+    finally:
+        monkeypatch.undo()
+        kernel_library.cache_clear()
+    assert cpu_kernels.kernel_library().library is not None
