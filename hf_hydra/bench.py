@@ -54,6 +54,9 @@ TYPICAL_SUFFIX = "-typical"  # "<label>-typical": tree decoding with those heads
 STATIC_SUFFIX = "-static"
 HEADS_ONLY_SUFFIX = "-heads"
 VARIANT_SUFFIXES = (STATIC_SUFFIX, HEADS_ONLY_SUFFIX)
+# "<label>-stock": the heads' default tree on the stock (unpacked) base, when the others run on a packed one,
+# always speculating: what speculative decoding gave before packing (asked for by name with --methods).
+STOCK_SUFFIX = "-stock"
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def method_runners(
     methods: Sequence[str],
     temperature: float | None = None,
     prepacked_base: PreTrainedModel | None = None,
+    stock_heads: dict[str, HydraForCausalLM] | None = None,
 ) -> dict[str, Runner]:
     """A `(input_ids, max_new_tokens) -> (sequence, speculation statistics or None)` function per method;
     a method named like a key of `heads` is tree decoding with those heads' default tree merged with context
@@ -150,9 +154,12 @@ def method_runners(
     only).
 
     prepacked_base: the base with prepacked linear layers (`hf_hydra.prepack`), on which the heads sit;
-    prompt lookup and `autoregressive_prepacked` then run on it too, `autoregressive` stays on `base`."""
+    prompt lookup and `autoregressive_prepacked` then run on it too, `autoregressive` stays on `base`.
+    stock_heads: the same heads sets on the stock `base`, for `<label>-stock`."""
     options = decoding_options(temperature)
     known = (*ALL_METHODS, AUTOREGRESSIVE_PREPACKED) if prepacked_base is not None else ALL_METHODS
+    stock_heads = stock_heads or {}
+    known = (*known, *(label + STOCK_SUFFIX for label in stock_heads))
     unknown = [m for m in methods if m not in known and _heads_label(m, temperature) not in heads]
     if unknown:
         raise ValueError(
@@ -186,6 +193,10 @@ def method_runners(
             )
         elif method in heads:
             runners[method] = _tree_runner(heads[method], {**options, "speculative": True})
+        elif method.removesuffix(STOCK_SUFFIX) in stock_heads:
+            stock_model = stock_heads[method.removesuffix(STOCK_SUFFIX)]  # its default tree, asked for by name:
+            default_tree = stock_model.generation_config.hydra_tree  # it speculates even where no tree pays
+            runners[method] = _tree_runner(stock_model, {**options, "speculative": True, "tree": default_tree})
         elif method.endswith(VARIANT_SUFFIXES):
             model = heads[_heads_label(method, temperature)]
             static = {**options, "speculative": True, "tree": static_tree(model)}
@@ -295,17 +306,18 @@ def run_bench(
     temperature: float | None = None,
     seed: int = 0,
     prepacked_base: PreTrainedModel | None = None,
+    stock_heads: dict[str, HydraForCausalLM] | None = None,
 ) -> dict:
     """Run every method on every question, interleaved, after a warm-up; return the report as a dict.
 
     temperature None: greedy. Otherwise every method samples at that temperature; each method's draws on
     question q start from `torch.manual_seed(seed + q)` (reproducible, independent of the method order).
-    prepacked_base: see `method_runners`; the reference stays plain `generate` on the stock `base`.
+    prepacked_base, stock_heads: see `method_runners`; the reference stays plain `generate` on the stock `base`.
     """
     if turn not in (1, 2):
         raise ValueError(f"turn must be 1 or 2, got {turn}.")
     methods = [AUTOREGRESSIVE] + [m for m in methods if m != AUTOREGRESSIVE]  # the reference comes first
-    runners = method_runners(base, heads, methods, temperature, prepacked_base)
+    runners = method_runners(base, heads, methods, temperature, prepacked_base, stock_heads)
     prompts = bench_prompts(tokenizer, base, questions, turn, max_new_tokens)
     for runner in runners.values():  # warm-up: first calls pay for allocation and lazy initialisation
         runner(prompts[0][1], 8)

@@ -19,7 +19,7 @@ from . import assets
 from .configuration_hydra import HEAD_ARCHS
 from .dynamic_tree import HeadCalibration
 from .modeling_hydra import HydraForCausalLM
-from .prepack import dtype_name, prepack_linear_layers
+from .prepack import KERNELS, dtype_name, packable_on_cpu, prepack_linear_layers
 from .tree import DYNAMIC_TREE
 
 
@@ -37,24 +37,38 @@ class TimedGeneration:
 
 
 PREPACK_HELP = (
-    "CPU, float32: prepack the base's linear layers for oneDNN (hf_hydra.prepack), so that verifying a few "
-    "tokens costs less than a stock one-token forward, and the heads' in bfloat16 where the CPU supports it "
-    "(cheaper drafting)"
+    "CPU, float32: --prepack packs the base's linear layers (the faster of oneDNN's and the AVX2 panel kernels "
+    "here, hf_hydra.prepack), so that verifying a few tokens costs about a stock one-token forward, and the heads' "
+    "(bfloat16 where the CPU supports it: cheaper drafting); --no-prepack keeps torch's layers; neither packs the "
+    "base only, where it can (as from_pretrained does)"
 )
 
 
-def load_model(heads: str | None, arch: str, random_heads: bool, num_heads: int) -> HydraForCausalLM:
+def load_model(
+    heads: str | None, arch: str, random_heads: bool, num_heads: int, prepack: bool | None = None
+) -> HydraForCausalLM:
     """Saved heads (folder or Hub repo), the shipped `arch` heads of the default base model, or fresh
-    untrained heads on it (`random_heads`)."""
-    if heads is not None:
-        return HydraForCausalLM.from_pretrained(heads)
-    if not random_heads:
-        return HydraForCausalLM.from_pretrained(assets.pretrained_heads_path(arch))
-    logging.getLogger(__name__).warning(
-        "--random-heads: using fresh, untrained %s heads on the default base model (expect tau near 1).", arch
-    )
-    base = AutoModelForCausalLM.from_pretrained(assets.default_base_model_path())
-    return HydraForCausalLM.from_base(base, head_arch=arch, num_heads=num_heads).eval()
+    untrained heads on it (`random_heads`); packed as `--prepack` / `--no-prepack` / neither say."""
+    if random_heads:
+        logging.getLogger(__name__).warning(
+            "--random-heads: using fresh, untrained %s heads on the default base model (expect tau near 1).", arch
+        )
+        base = AutoModelForCausalLM.from_pretrained(assets.default_base_model_path())
+        model = HydraForCausalLM.from_base(base, head_arch=arch, num_heads=num_heads).eval()
+        if prepack is not False and packable_on_cpu(base):
+            model.prepack_base()
+    else:
+        source = heads if heads is not None else assets.pretrained_heads_path(arch)
+        model = HydraForCausalLM.from_pretrained(source, prepack=prepack is not False)
+    return with_packed_heads(model) if prepack else model
+
+
+def with_packed_heads(model: HydraForCausalLM) -> HydraForCausalLM:
+    """`--prepack` asked for explicitly: the heads packed too, and a clear error where the base cannot be."""
+    if model.base_prepack is None:
+        model.prepack_base()
+    model.prepack_heads()
+    return model
 
 
 def chat_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
@@ -79,23 +93,24 @@ def timed_generate(
         **({"speculative": True} if speculative else {}),
     )
     seconds = time.perf_counter() - start
-    tau = out.speculation.tau if speculative else None
+    speculation = getattr(out, "speculation", None)  # None: plain decoding (no tree pays on this machine)
+    tau = speculation.tau if speculation is not None else None
     return TimedGeneration(new_tokens=out.sequences[0, input_ids.shape[1] :], seconds=seconds, tau=tau)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model = load_model(args.heads, args.arch, args.random_heads, args.num_heads)
-    # --compare measures against plain generate on the stock base, also with --prepack
-    reference = copy.deepcopy(model.base_lm) if args.prepack and args.compare else model.base_lm
-    if args.prepack:
-        model.prepack_base()
-        model.prepack_heads()
+    model = load_model(args.heads, args.arch, args.random_heads, args.num_heads, args.prepack)
+    # --compare measures against plain generate on the stock base
+    reference = model.base_lm
+    if args.compare and model.base_prepack is not None:
+        reference = AutoModelForCausalLM.from_pretrained(model.base_lm.name_or_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(model.base_lm.name_or_path)
     input_ids = chat_input_ids(tokenizer, args.prompt)
     torch.manual_seed(0)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     fast = timed_generate(model, input_ids, True, args.max_new_tokens, streamer=streamer)
-    print(f"\n[hydra {model.config.head_arch}] tau={fast.tau:.2f}  {fast.new_tokens.shape[0]} tokens  "
+    tau = f"tau={fast.tau:.2f}" if fast.tau is not None else "decoded plainly"
+    print(f"\n[hydra {model.config.head_arch}] {tau}  {fast.new_tokens.shape[0]} tokens  "
           f"{fast.tokens_per_second:.1f} tokens/s")
     if args.compare:
         plain = timed_generate(reference, input_ids, False, args.max_new_tokens)
@@ -188,8 +203,9 @@ def run_bench(args: argparse.Namespace) -> int:
     base_path = args.base or assets.default_base_model_path()
     device = torch.device(args.device)
     base = AutoModelForCausalLM.from_pretrained(base_path).to(device).eval()
-    # --prepack: a second copy of the base, prepacked, for every method but the autoregressive reference
-    fast_base = copy.deepcopy(base) if args.prepack else None
+    # packed (see PREPACK_HELP): a second copy of the base for every method but the autoregressive reference
+    packed = args.prepack if args.prepack is not None else packable_on_cpu(base)
+    fast_base = copy.deepcopy(base) if packed else None
     paths = dict(_label_and_path(spec, "--heads") for spec in args.heads)
     if not paths and args.base is None:  # the default model: the shipped heads of every arch
         paths = {arch: str(assets.pretrained_heads_path(arch)) for arch in HEAD_ARCHS}
@@ -198,17 +214,21 @@ def run_bench(args: argparse.Namespace) -> int:
     heads = {label: HydraForCausalLM.from_pretrained(p, base_model=heads_base).to(device) for label, p in paths.items()}
     if fast_base is not None:  # after the heads took their shared rows of the base lm_head
         prepack_linear_layers(fast_base)
+    if args.prepack:
         for model in heads.values():
             model.prepack_heads()
     if args.tree:
         bench.use_tree(heads, args.tree)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     typical = [label + bench.TYPICAL_SUFFIX for label in heads] if args.temperature is not None else []
-    prepacked = [bench.AUTOREGRESSIVE_PREPACKED] if args.prepack else []
+    prepacked = [bench.AUTOREGRESSIVE_PREPACKED] if fast_base is not None else []
     peers = [m for m in bench.ALL_METHODS if m not in (bench.AUTOREGRESSIVE, *bench.TREE_METHODS)]
     variants = [label + suffix for label in heads for suffix in bench.VARIANT_SUFFIXES]
     default_methods = [bench.AUTOREGRESSIVE, *prepacked, *peers, *heads, *variants, *typical]
     methods = args.methods.split(",") if args.methods else default_methods
+    stock_labels = [m.removesuffix(bench.STOCK_SUFFIX) for m in methods if m.endswith(bench.STOCK_SUFFIX)]
+    stock_heads = {label: HydraForCausalLM.from_pretrained(paths[label], base_model=base).to(device)
+                   for label in stock_labels if label in paths and fast_base is not None}
     if bench.ASSISTED in methods and not heads:
         methods.remove(bench.ASSISTED)
     questions = bench.spread_over_categories(assets.mt_bench_questions(), args.limit)
@@ -219,7 +239,7 @@ def run_bench(args: argparse.Namespace) -> int:
         questions = bench.shard(questions, int(index), int(count))
     report = bench.run_bench(
         base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn, args.temperature, args.seed,
-        prepacked_base=fast_base,
+        prepacked_base=fast_base, stock_heads=stock_heads,
     )
     written = bench.write_report(report, args.out)
     print(bench.markdown_table(report))
@@ -264,14 +284,14 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     import json
 
     from . import hub
+    from .roofline import machine_identity
     from .tree_tuning import stored_rank_accuracy, tune_tree
 
-    model = HydraForCausalLM.from_pretrained(args.heads).eval()
+    # latencies measured on the kernels decoding will run (the drafts too, with --prepack)
+    model = HydraForCausalLM.from_pretrained(args.heads, prepack=args.prepack is not False)
+    model = with_packed_heads(model) if args.prepack else model
     digest = hub.heads_digest(args.heads)
     stored = None if args.features else stored_rank_accuracy(args.heads, model.config.num_heads)
-    if args.prepack:
-        model.prepack_base()
-        model.prepack_heads()  # drafts are measured and timed as decoding will run them
     calibration = None
     if stored is None:
         (accuracy, calibration), accuracy_command = _held_out_accuracy(model, args), None
@@ -286,7 +306,8 @@ def run_tune_tree(args: argparse.Namespace) -> int:
         "command": command,
         "accuracy_command": accuracy_command or command,  # the run that measured rank_accuracy on features
         "heads_sha256": digest,
-        "prepacked": args.prepack,
+        "prepacked": model.base_prepack is not None,
+        "machine": machine_identity(model.base_prepack.kernel if model.base_prepack is not None else "stock"),
         "heads_prepacked": dtype_name(model.heads.prepacked_dtype),
         **dataclasses.asdict(report),
     }
@@ -320,6 +341,30 @@ def _held_out_accuracy(
     return measured.rank_accuracy, measured.calibration
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from .roofline import measure_roofline, roofline_table
+
+    base_path = args.base or assets.default_base_model_path()
+    stock = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    packed = copy.deepcopy(stock)
+    report = prepack_linear_layers(packed, kernel=args.kernel)
+    bases = {report.kernel: packed, "stock": stock}
+    reports = measure_roofline(bases, max_tokens=args.max_tokens, repeats=args.repeats)
+    first = reports[0]
+    print(f"{first.cpu.model} ({' '.join(first.cpu.flags)}), {first.threads} thread(s)")
+    print(f"weights {first.weight_bytes / 1e6:.0f} MB, bandwidth {first.bandwidth_bytes_per_second / 1e9:.1f} GB/s "
+          f"(limit {first.limit_seconds[0] * 1e3:.1f} ms per forward), peak {first.peak_flops_per_second / 1e9:.1f} "
+          "GFLOP/s")
+    print(roofline_table(reports))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps([r.to_record() for r in reports], indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     import json
 
@@ -349,7 +394,7 @@ def _tune_tree_command(args: argparse.Namespace) -> str:
     features = ["--features", args.features, "--validation-fraction", str(args.validation_fraction),
                 "--seed", str(args.seed), "--max-sequences", str(args.max_sequences)] if args.features else []
     return shlex.join(["hf-hydra", "tune-tree", "--heads", "heads/", *features, "--max-tokens", str(args.max_tokens),
-                       *(["--prepack"] if args.prepack else [])])
+                       *({True: ["--prepack"], False: ["--no-prepack"]}.get(args.prepack, []))])
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -408,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-heads", type=int, default=4, help="number of fresh heads (with --random-heads)")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--compare", action="store_true", help="also run plain generate; print speed-up and equality")
-    gen.add_argument("--prepack", action="store_true", help=PREPACK_HELP)
+    gen.add_argument("--prepack", action=argparse.BooleanOptionalAction, help=PREPACK_HELP)
     gen.set_defaults(func=run_generate)
 
     distill = commands.add_parser("distill", help="answer ShareGPT first turns with the base model (resumable)")
@@ -463,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tree", help="one tree for every heads set instead of each set's default (a name such as cpu_small_11)"
     )
     bench_parser.add_argument(
-        "--prepack", action="store_true",
-        help=PREPACK_HELP + "; every method but the autoregressive reference runs on it, plus autoregressive_prepacked",
+        "--prepack", action=argparse.BooleanOptionalAction,
+        help=PREPACK_HELP + "; every method but the autoregressive reference runs on the packed base, plus "
+        "autoregressive_prepacked",
     )
     bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
     bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
@@ -493,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="with --features, as in training: the held-out split")
     tune.add_argument("--max-sequences", type=int, default=200, help="with --features: held-out sequences measured")
     tune.add_argument("--max-tokens", type=int, default=32, help="largest tree (+ root) whose latency is measured")
-    tune.add_argument("--prepack", action="store_true", help=PREPACK_HELP + " (latencies measured with them)")
+    tune.add_argument(
+        "--prepack", action=argparse.BooleanOptionalAction, help=PREPACK_HELP + " (latencies measured with them)"
+    )
     tune.set_defaults(func=run_tune_tree)
 
     calibrate = commands.add_parser(
@@ -505,6 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--max-sequences", type=int, default=200, help="sequences of --features measured")
     calibrate.set_defaults(func=run_calibrate)
+
+    profile = commands.add_parser(
+        "profile", help="roofline: forward latency over n tokens against this machine's memory and arithmetic limits"
+    )
+    profile.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
+    profile.add_argument("--kernel", choices=KERNELS, default="auto", help="the packed kernel measured beside stock")
+    profile.add_argument("--max-tokens", type=int, default=32, help="largest n measured")
+    profile.add_argument("--repeats", type=int, default=7, help="rounds (after one warm-up) of the median")
+    profile.add_argument("--out", help="JSON file for the reports")
+    profile.set_defaults(func=run_profile)
 
     push = commands.add_parser("push", help="upload saved heads (heads only) with their model card to the Hub")
     push.add_argument("folder", help="folder written by save_pretrained / `hf-hydra train` / `hf-hydra convert`")

@@ -40,11 +40,14 @@ from .prepack import (
     packable_on_cpu,
     prepack_linear_layers,
 )
+from .roofline import machine_forward_seconds, machine_identity
 from .step_drafts import DEFAULT_SOURCES
 from .support import ASSISTED, TREE, check_options, position_limits
-from .tree import DYNAMIC_TREE, TreeBuffers, TreeSpec, build_tree_buffers, resolve_tree
+from .tree import DYNAMIC_TREE, TreeBuffers, TreeSpec, build_tree_buffers, choose_tree, resolve_tree
 
 logger = logging.getLogger(__name__)
+# generate() options only the tree loop takes: a call that passes one speculates, whatever the machine
+TREE_ONLY_OPTIONS = frozenset({"acceptance", "posterior_threshold", "posterior_alpha", "generator", "sources"})
 
 HEADS_WEIGHTS_NAME = "model.safetensors"
 _HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "subfolder")
@@ -85,6 +88,9 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         self.dynamic_tree: DynamicTreePolicy | None = None
         self.tree_tuning: LoadedTuning | None = None  # the heads' tree_tuning.json as loaded (saved with them)
         self.base_prepack: PrepackReport | None = None  # what prepack_base packed, None while the base is stock
+        # why no tree pays on this machine (then default speculative calls decode plainly), None where one does
+        self.plain_is_faster: str | None = None
+        self._said_plain = False
         use_packed_gqa_attention(base_model)  # sdpa without copying the KV cache in tree verification (exact)
         # One GenerationConfig object for the wrapper and the base: every mode reads the same defaults.
         self.generation_config = base_model.generation_config = speculative_generation_config(
@@ -189,8 +195,26 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _loaded(self, prepack: bool) -> HydraForCausalLM:
         if prepack:
-            self.prepack_base()
+            self.prepack_base()  # which fits the trees to the packed kernels
+        else:
+            self._fit_to_this_machine()
         return self.eval()
+
+    def _fit_to_this_machine(self) -> None:
+        """On a CPU, the loaded heads' trees are fitted to this machine's verification curve for the base as
+        it now runs (`roofline.machine_forward_seconds`: measured once, cached), not to the tuning machine's:
+        CPUs differ by 1.5x in what a few extra tokens cost. The dynamic tree is sized on it, and where even
+        the best tree is expected to be slower than plain decoding, `plain_is_faster` says so. A tuning
+        measured on this very machine, threads and kernel (`tune-tree` records them) is kept as it is."""
+        record = self.tree_tuning.record if self.tree_tuning is not None else {}
+        if len(record.get("verify_seconds") or ()) < 2 or self.base_lm.device.type != "cpu":
+            return
+        kernel = self.base_prepack.kernel if self.base_prepack is not None else "stock"
+        seconds = record["verify_seconds"]
+        if record.get("machine") != machine_identity(kernel):
+            seconds = machine_forward_seconds(self.base_lm)
+            self.dynamic_tree = dynamic_tree_policy(record, seconds)
+        self.plain_is_faster = _plain_is_faster(record.get("rank_accuracy"), seconds)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, benchmark: str | os.PathLike | None = None, **kwargs
@@ -320,12 +344,27 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             decode = functools.partial(assisted_decoding, streamer=streamer)
             with _stop_strings_hidden(defaults, stop_strings_moved):
                 return super().generate(inputs, custom_generate=decode, **self._assisted_cache(kwargs), **kwargs)
+        if speculative is True and tree is None and self._decodes_plainly(kwargs):
+            with _stop_strings_hidden(defaults, stop_strings_moved):
+                return self.base_lm.generate(inputs, streamer=streamer, **kwargs)
         drafted = self._drafted_tree(tree, kwargs.get("generation_config") or self.generation_config)
         decode = functools.partial(tree_speculative_generate, heads=self.heads, tree=drafted, streamer=streamer)
         if speculative == "context":
             kwargs["sources"] = "context"
         with _stop_strings_hidden(defaults, stop_strings_moved):
             return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
+
+    def _decodes_plainly(self, kwargs: dict) -> bool:
+        """Whether this default speculative call decodes plainly: no tree pays on this machine
+        (`plain_is_faster`, set when the heads were fitted to it) and the call asks for nothing that only
+        the tree loop does. Said once per model."""
+        if self.plain_is_faster is None or TREE_ONLY_OPTIONS & kwargs.keys():
+            return False
+        if not self._said_plain:
+            logger.warning("%s generate(speculative=True) decodes plainly; pass tree= to speculate anyway.",
+                           self.plain_is_faster)
+            self._said_plain = True
+        return True
 
     def _assisted_cache(self, kwargs: dict) -> dict:
         """transformers makes no cache for this wrapper: the caller's (the loop checks it), else a new
@@ -342,6 +381,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         stock kernels' up to float rounding. The heads are untouched and save as before; the base cannot train
         or move device after."""
         self.base_prepack = prepack_linear_layers(self.base_lm, batch_size_hint, kernel=kernel)
+        self._fit_to_this_machine()
         return self.base_prepack
 
     def prepack_heads(
@@ -530,12 +570,32 @@ def _load_tree_tuning(source: str, hub_kwargs: dict) -> dict | None:
     return json.loads(Path(path).read_text()) if path is not None else None
 
 
-def dynamic_tree_policy(record: dict) -> DynamicTreePolicy | None:
-    """The dynamic tree's policy from a tree_tuning.json record (None without a verification curve)."""
+def dynamic_tree_policy(record: dict, verify_seconds: list[float] | None = None) -> DynamicTreePolicy | None:
+    """The dynamic tree's policy from a tree_tuning.json record (None without a verification curve), on
+    `verify_seconds` (this machine's curve) where given, else on the record's."""
     if len(record.get("verify_seconds") or ()) < 2:
         return None
     calibration = HeadCalibration.from_record(record.get("calibration"))
-    return DynamicTreePolicy.from_tuning(record["verify_seconds"], calibration)
+    return DynamicTreePolicy.from_tuning(verify_seconds or record["verify_seconds"], calibration)
+
+
+PLAIN_DECODING_OVERHEAD = 0.15  # a step's drafting and bookkeeping, in one-token forwards (as DynamicTreePolicy)
+
+
+def _plain_is_faster(rank_accuracy: list[list[float]] | None, verify_seconds: list[float]) -> str | None:
+    """Why no tree of these heads pays on this curve (the best expected speed-up is below 1), or None."""
+    if not rank_accuracy:
+        return None
+    one_token = verify_seconds[0]
+    choice = choose_tree(rank_accuracy, verify_seconds, lambda paths: PLAIN_DECODING_OVERHEAD * one_token)
+    speedup = choice.expected_tokens_per_second * one_token
+    if speedup >= 1.0:
+        return None
+    return (
+        f"On this machine a forward over {len(choice.paths) + 1} tokens costs "
+        f"{verify_seconds[len(choice.paths)] / one_token:.2f}x a one-token forward: the best tree of these heads "
+        f"(expected tau {choice.expected_tau:.2f}) would be {speedup:.2f}x plain decoding."
+    )
 
 
 def _load_heads_state(source: str, hub_kwargs: dict) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ tuned once on held-out features can be re-tuned for another machine from the sto
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import time
@@ -26,11 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cache_name import cache_argument, output_cache
 from .drafting import draft_tree
 from .dynamic_tree import HeadCalibration, calibrate
 from .hub import TREE_TUNING_NAME, WEIGHTS_NAME, heads_digest
 from .modeling_hydra import HydraForCausalLM
+from .roofline import forward_seconds
 from .training.features import FeatureStore
 from .tree import TreeChoice, build_tree_buffers, choose_tree
 
@@ -155,27 +154,9 @@ def _draft_columns(draft_token_ids: torch.Tensor | None, vocab_size: int) -> tor
 def measure_verify_seconds(
     model: HydraForCausalLM, max_tokens: int, context_length: int = 300, repeats: int = 7
 ) -> list[float]:
-    """Median seconds of one base forward over m = 1..max_tokens new tokens after `context_length` cached.
-
-    Each round times every size once (after one warm-up round), so a burst of load from another process
-    hits a few rounds of all sizes, not all rounds of a few sizes: the medians stay comparable."""
-    base = model.base_lm
-    vocab = model.config.base_vocab_size
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(vocab, (1, context_length), generator=generator).to(base.device)
-    prefix = output_cache(base(input_ids=prompt, use_cache=True))
-    sizes = range(1, max_tokens + 1)
-    tokens = {m: torch.randint(vocab, (1, m), generator=generator).to(base.device) for m in sizes}
-    runs: dict[int, list[float]] = {m: [] for m in sizes}
-    for _ in tqdm(range(repeats + 1), desc="verify latency", unit="round"):
-        for m in sizes:
-            cache = copy.deepcopy(prefix)
-            start = time.perf_counter()
-            base(input_ids=tokens[m], **cache_argument(cache), use_cache=True)
-            if base.device.type == "cuda":
-                torch.cuda.synchronize(base.device)
-            runs[m].append(time.perf_counter() - start)
-    return [statistics.median(runs[m][1:]) for m in sizes]  # the first round warmed up
+    """Median seconds of one base forward over m = 1..max_tokens new tokens after `context_length` cached, on
+    the base as loaded (packed kernels included): `roofline.forward_seconds`."""
+    return forward_seconds({"base": model.base_lm}, max_tokens, context_length, repeats)["base"]
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from hf_hydra.dynamic_tree import (
     calibrate,
     expand_heads,
 )
+from hf_hydra.roofline import machine_forward_seconds, machine_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -177,10 +178,23 @@ def test_the_dynamic_tree_is_loaded_with_the_heads_and_asked_for_by_name(tiny_mo
     tuning = {"verify_seconds": [0.02, 0.021, 0.023, 0.03], "calibration": calibration.to_record()}
     (tmp_path / "tree_tuning.json").write_text(json.dumps(tuning))
     reloaded = HydraForCausalLM.from_pretrained(tmp_path, base_model=model.base_lm)
-    assert reloaded.dynamic_tree.verify_cost == pytest.approx((1.0, 1.05, 1.15, 1.5))
+    machine = machine_forward_seconds(model.base_lm)  # on a CPU: sized on this machine's curve, not the record's
+    assert reloaded.dynamic_tree.verify_cost == pytest.approx(tuple(t / machine[0] for t in machine))
     assert reloaded.dynamic_tree.calibration == calibration
     out = reloaded.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=8, return_dict_in_generate=True)
     assert torch.equal(out.sequences, _plain(reloaded, prompt, max_new_tokens=8))
+
+
+def test_a_tuning_of_this_machine_keeps_its_own_curve(tiny_model_factory, tmp_path) -> None:
+    model = _hydra(tiny_model_factory)
+    model.save_pretrained(tmp_path)
+    tuning = {"verify_seconds": [0.02, 0.021, 0.023, 0.03], "machine": machine_identity("stock")}
+    (tmp_path / "tree_tuning.json").write_text(json.dumps(tuning))
+    reloaded = HydraForCausalLM.from_pretrained(tmp_path, base_model=model.base_lm)
+    assert reloaded.dynamic_tree.verify_cost == pytest.approx((1.0, 1.05, 1.15, 1.5))
+    reloaded.prepack_base(kernel="onednn")  # other kernels: this machine's curve for them
+    machine = machine_forward_seconds(reloaded.base_lm)
+    assert reloaded.dynamic_tree.verify_cost == pytest.approx(tuple(t / machine[0] for t in machine))
 
 
 def test_the_tuning_is_saved_with_unchanged_heads_only(tiny_model_factory, tmp_path, caplog) -> None:
@@ -200,3 +214,27 @@ def test_the_tuning_is_saved_with_unchanged_heads_only(tiny_model_factory, tmp_p
     again.save_pretrained(tmp_path / "changed")
     assert not (tmp_path / "changed" / "tree_tuning.json").exists()
     assert "changed since they were loaded" in caplog.text
+
+
+def _tuned_copy(model, folder, rank_accuracy, verify_seconds):
+    model.save_pretrained(folder)
+    record = {"verify_seconds": verify_seconds, "rank_accuracy": rank_accuracy, "machine": machine_identity("stock")}
+    (folder / "tree_tuning.json").write_text(json.dumps(record))
+    return HydraForCausalLM.from_pretrained(folder, base_model=model.base_lm)
+
+
+def test_where_no_tree_pays_the_default_call_decodes_plainly_and_says_so(tiny_model_factory, tmp_path, caplog):
+    model = _hydra(tiny_model_factory)
+    weak = [[0.01, 0.005]] * model.config.num_heads  # heads that are almost never right
+    slow = _tuned_copy(model, tmp_path / "weak", weak, [0.01, 0.02, 0.03, 0.04])  # each token costs a forward
+    assert "would be 0." in slow.plain_is_faster
+    prompt = _prompts(SMALL_VOCAB)[1]
+    for _ in range(2):
+        out = slow.generate(prompt, speculative=True, max_new_tokens=8, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, _plain(slow, prompt, max_new_tokens=8))
+        assert getattr(out, "speculation", None) is None  # plain generate's output
+    assert caplog.text.count("decodes plainly") == 1  # said once
+    asked = slow.generate(prompt, speculative=True, tree="chain", max_new_tokens=8, return_dict_in_generate=True)
+    assert asked.speculation.steps > 0  # an explicit tree still speculates
+    strong = _tuned_copy(model, tmp_path / "strong", [[0.9, 0.05]] * model.config.num_heads, [0.01, 0.0101, 0.0102])
+    assert strong.plain_is_faster is None

@@ -8,7 +8,6 @@ top-2 logits must be within 1e-4. Such a case is reported with its gap, never sk
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
@@ -85,22 +84,18 @@ def test_context_candidates_alone_match_greedy_on_mt_bench(base_model, prompts, 
         assert_same_or_tie(base_model, plain, fast, input_ids.shape[1])
 
 
-def test_shipped_heads_on_a_prepacked_base_match_stock_greedy(base_model, prompts, plain_outputs):
-    """The CPU fast path (`--prepack`): every linear layer of the base prepacked for oneDNN (other kernels
-    than plain greedy's), the heads' too (in bfloat16 where the CPU has it), the same tokens as plain greedy
-    on the stock base."""
-    fast_base = copy.deepcopy(base_model)
-    model = HydraForCausalLM.from_pretrained(assets.pretrained_heads_path("hydra++"), base_model=fast_base)
-    model.prepack_base()
-    model.prepack_heads()
+def test_the_default_path_on_a_packed_base_matches_stock_greedy(base_model, prompts, plain_outputs):
+    """What a CPU user gets by default: `from_pretrained` loads the base itself and packs its linear layers (the
+    faster kernel here, other kernels than plain greedy's); the same tokens as plain greedy on the stock base."""
+    model = HydraForCausalLM.from_pretrained(assets.pretrained_heads_path("hydra++"))
+    assert model.base_prepack is not None
     ties = []
     for input_ids, plain in zip(prompts, plain_outputs, strict=True):
         fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True)
         tie = assert_same_or_tie(base_model, plain, fast, input_ids.shape[1])
         if tie is not None:
             ties.append(tie)
-    dtype = model.heads.prepacked_dtype
-    print(f"prepacked base, shipped hydra++ heads ({dtype}): {len(ties)} floating-point ties {ties}")
+    print(f"packed base ({model.base_prepack.kernel}), shipped hydra++ heads: {len(ties)} floating-point ties {ties}")
 
 
 def test_random_heads_match_greedy_on_mt_bench(base_model, prompts, plain_outputs):

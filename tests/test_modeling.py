@@ -130,15 +130,19 @@ def test_auto_model_loads_base_from_config_and_heads(tiny_model_factory, tmp_pat
     model.save_pretrained(tmp_path / "heads")
 
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "heads"), HydraConfig)
-    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "heads")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "heads", prepack=False)  # torch's layers: comparable
     assert isinstance(auto, HydraForCausalLM)
-    assert type(auto.base_lm) is type(base) and auto.base_lm is not base
+    assert type(auto.base_lm) is type(base) and auto.base_lm is not base and auto.base_prepack is None
     for key, value in base.state_dict().items():
         assert torch.equal(auto.base_lm.state_dict()[key], value), key
     _assert_same_heads(model, auto)
     assert not any(p.requires_grad for p in auto.base_lm.parameters())
     prompt = _prompt()
     assert torch.equal(_speculate(auto, prompt).sequences, _speculate(model, prompt).sequences)
+    # By default a base loaded onto the CPU is packed for fast inference: the same tokens.
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "heads")
+    assert packed.base_prepack is not None and packed.base_prepack.layers > 0
+    assert torch.equal(_speculate(packed, prompt).sequences, _speculate(model, prompt).sequences)
     # The explicit class without base_model does the same.
     explicit = HydraForCausalLM.from_pretrained(tmp_path / "heads")
     _assert_same_heads(model, explicit)
