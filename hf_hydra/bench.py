@@ -34,7 +34,7 @@ from . import __version__
 from .bench_table import AUTOREGRESSIVE, markdown_table
 from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
-from .prepack import dtype_name
+from .prepack import dtype_name, packed_kernel
 from .tree import DYNAMIC_TREE, TreeSpec, resolve_tree
 
 SCHEMA_VERSION = 1
@@ -238,7 +238,7 @@ def _tree_runner(model: PreTrainedModel, options: dict) -> Runner:
 
     def run(input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, SpeculationStats]:
         out = model.generate(input_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **options)
-        return out.sequences, out.speculation
+        return out.sequences, getattr(out, "speculation", None)  # None: it decoded plainly (no tree pays here)
 
     return run
 
@@ -342,6 +342,7 @@ def run_bench(
             "static_trees": static_trees,
             "tree_depths": depths,
             "prepacked": prepacked_base is not None,
+            "kernel": packed_kernel(prepacked_base) if prepacked_base is not None else None,
             "heads_prepacked": {label: dtype_name(model.heads.prepacked_dtype) for label, model in heads.items()},
         },
         "results": [asdict(r) for r in results],

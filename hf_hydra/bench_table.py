@@ -45,10 +45,18 @@ def _prepacked_text(settings: dict) -> str:
         return ""
     dtypes = sorted({dtype for dtype in (settings.get("heads_prepacked") or {}).values() if dtype})
     heads = f", the heads' computing in {' / '.join(dtypes)}" if dtypes else ""
+    layers = PACKED_LAYERS.get(settings.get("kernel") or "onednn", settings.get("kernel"))
     return (
         f" Every method but `{AUTOREGRESSIVE}` (plain `generate`, stock kernels: the reference) runs on the base "
-        f"with oneDNN-prepacked linear layers (`--prepack`){heads}."
+        f"with {layers}{heads}."
     )
+
+
+# the packed base's kernel (`PrepackReport.kernel`); reports written before the choice existed used oneDNN's
+PACKED_LAYERS = {
+    "onednn": "oneDNN-prepacked linear layers",
+    "panel": "AVX2 panel-packed linear layers (`hf_hydra.cpu_kernels`)",
+}
 
 
 def _shards_text(settings: dict) -> str:

@@ -214,6 +214,8 @@ def run_bench(args: argparse.Namespace) -> int:
     heads = {label: HydraForCausalLM.from_pretrained(p, base_model=heads_base).to(device) for label, p in paths.items()}
     if fast_base is not None:  # after the heads took their shared rows of the base lm_head
         prepack_linear_layers(fast_base)
+        for model in heads.values():
+            model.fit_trees_to_machine()  # the trees on the packed base's curve
     if args.prepack:
         for model in heads.values():
             model.prepack_heads()

@@ -159,6 +159,16 @@ def check_prepackable(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear
     return linears
 
 
+def packed_kernel(module: nn.Module) -> str | None:
+    """The kernel `module`'s linear layers were packed for ("panel" or "onednn"), None while none is packed."""
+    for child in module.modules():
+        if isinstance(child, PanelLinear):
+            return "panel"
+        if isinstance(child, PrepackedLinear):
+            return "onednn"
+    return None
+
+
 def packable_on_cpu(module: nn.Module) -> bool:
     """Whether `prepack_linear_layers(module)` applies: float32 linear layers on the CPU, oneDNN in torch."""
     try:

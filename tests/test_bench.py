@@ -252,8 +252,11 @@ def test_prepacked_bench_keeps_the_stock_reference(base, tokenizer, tmp_path):
     assert not any(isinstance(m, PrepackedLinear) for m in base.modules())  # the reference base is untouched
     assert report["settings"]["prepacked"] is True and report["settings"]["methods"] == methods
     assert all(row["identical"] for row in report["results"])
-    assert "oneDNN-prepacked" in bench.markdown_table(report)
-    assert "oneDNN" not in bench.markdown_table({**report, "settings": {**report["settings"], "prepacked": False}})
+    kernel = report["settings"]["kernel"]
+    assert kernel in ("onednn", "panel")
+    assert {"onednn": "oneDNN-prepacked", "panel": "AVX2 panel-packed"}[kernel] in bench.markdown_table(report)
+    unpacked = bench.markdown_table({**report, "settings": {**report["settings"], "prepacked": False}})
+    assert "oneDNN" not in unpacked and "panel" not in unpacked
 
 
 def test_use_tree_sets_one_tree_for_every_heads_set(base):

@@ -62,9 +62,12 @@ def plain_outputs(base_model, prompts) -> list[torch.Tensor]:
 @pytest.mark.parametrize("head_arch", ["medusa", "hydra", "hydra++"])
 def test_shipped_heads_match_greedy_on_mt_bench(base_model, prompts, plain_outputs, head_arch):
     model = HydraForCausalLM.from_pretrained(assets.pretrained_heads_path(head_arch), base_model=base_model)
+    default_tree = model.generation_config.hydra_tree
     ties, taus, context_tokens = [], [], 0
     for input_ids, plain in zip(prompts, plain_outputs, strict=True):
-        fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True, return_dict_in_generate=True)
+        fast = model.generate(  # the default tree by name: it speculates even where plain decoding would be faster
+            input_ids, max_new_tokens=NEW_TOKENS, speculative=True, tree=default_tree, return_dict_in_generate=True
+        )
         taus.append(fast.speculation.tau)
         context_tokens += fast.speculation.context_tokens
         tie = assert_same_or_tie(base_model, plain, fast.sequences, input_ids.shape[1])
@@ -91,7 +94,7 @@ def test_the_default_path_on_a_packed_base_matches_stock_greedy(base_model, prom
     assert model.base_prepack is not None
     ties = []
     for input_ids, plain in zip(prompts, plain_outputs, strict=True):
-        fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True)
+        fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True, tree="dynamic")
         tie = assert_same_or_tie(base_model, plain, fast, input_ids.shape[1])
         if tie is not None:
             ties.append(tie)
@@ -143,5 +146,6 @@ def test_cli_generate_compare(options):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "tau=" in result.stdout and "speed-up" in result.stdout
+    # "decoded plainly" only on a machine where no tree of the shipped heads is expected to pay (said on stderr)
+    assert ("tau=" in result.stdout or "decoded plainly" in result.stdout) and "speed-up" in result.stdout
     assert "identical text: True" in result.stdout
