@@ -66,7 +66,7 @@ def kernel_library() -> KernelLibrary:
     if compiler is None:
         return KernelLibrary(None, "no C compiler found (set CC or install gcc)")
     source = resources.files("hf_hydra").joinpath("csrc", _SOURCE).read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source_digest().encode() + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"packed_linear-{digest}.so"
     try:
         if not target.exists():
@@ -77,6 +77,12 @@ def kernel_library() -> KernelLibrary:
         return KernelLibrary(None, f"building the AVX2 kernels failed: {str(detail).strip()[:300]}")
     _declare(library)
     return KernelLibrary(library)
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """SHA-256 of the kernels' C source: what a build, or a curve measured on the kernels, belongs to."""
+    return hashlib.sha256(resources.files("hf_hydra").joinpath("csrc", _SOURCE).read_bytes()).hexdigest()
 
 
 def _build(compiler: str, source: bytes, target: Path) -> None:

@@ -156,7 +156,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
 
         prepack: pack the base's linear layers for fast CPU inference (`prepack_base`). None (the default): yes
         when this call loads the base itself onto the CPU in float32; a `base_model` you pass stays as it is.
-        False keeps torch's own layers (a packed base cannot train, move device or change dtype).
+        False keeps torch's own layers (a packed base cannot train, move device or change dtype); True packs
+        a `base_model` you pass too, and is a ValueError where the base cannot be packed.
 
         Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the heads (`token`,
         `cache_dir` and `local_files_only` to the base too); other keyword arguments (e.g. `dtype`, `device_map`)
@@ -170,13 +171,13 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         reference = hub.read_reference_checkpoint(source, hub_kwargs) if config is None else None
         if config is None:
             config = reference.config if reference is not None else HydraConfig.from_pretrained(source, **hub_kwargs)
-        if prepack is None:
-            prepack = base_model is None
-        if base_model is None:
+        loads_base = base_model is None
+        if loads_base:
             base_model = _load_base(config, hub_kwargs, **kwargs)
         else:
             hub.warn_if_base_differs(config, base_model)
-        prepack = prepack and packable_on_cpu(base_model)
+        if prepack is None:
+            prepack = loads_base and packable_on_cpu(base_model)
         if reference is not None:
             model = cls(hub.config_for_base(reference, base_model), base_model)
             hub.load_reference_weights(model, reference)
@@ -204,7 +205,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         """On a CPU, the loaded heads' trees are fitted to this machine's verification curve for the base as
         it now runs (`roofline.machine_forward_seconds`: measured once, cached), not to the tuning machine's:
         CPUs differ by 1.5x in what a few extra tokens cost. The dynamic tree is sized on it, and where even
-        the best tree is expected to be slower than plain decoding, `plain_is_faster` says so. A tuning
+        the best tree is expected to be clearly slower than plain decoding, `plain_is_faster` says so. A tuning
         measured on this very machine, threads and kernel (`tune-tree` records them) is kept as it is.
         `from_pretrained` and `prepack_base` call it; call it again after changing the base's kernels otherwise."""
         record = self.tree_tuning.record if self.tree_tuning is not None else {}

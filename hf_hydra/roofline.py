@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 
 from .assets import cache_root
 from .cache_name import cache_argument, output_cache
+from .cpu_kernels import source_digest
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,8 @@ MACHINE_CURVE_TOKENS = 16  # CPU trees larger than this have not paid on any mac
 def machine_forward_seconds(base: PreTrainedModel, max_tokens: int = MACHINE_CURVE_TOKENS) -> list[float]:
     """This machine's t(n) for n = 1..max_tokens on `base` as loaded (its kernels included), for the trees:
     measured once (a few seconds, three rounds) and then read from ``<cache_root()>/machine_curves/``, keyed by
-    the CPU and its flags, the thread count, the torch and transformers versions and the base's layers."""
+    the CPU and its flags, the thread count, the torch and transformers versions, the base's layers and the
+    panel kernels' source."""
     path = cache_root() / "machine_curves" / f"{_machine_curve_key(base, max_tokens)}.json"
     if path.is_file():
         return json.loads(path.read_text())["seconds"]
@@ -206,6 +208,6 @@ def _machine_curve_key(base: PreTrainedModel, max_tokens: int) -> str:
     ]
     identity = [
         dataclasses.asdict(describe_cpu()), torch.get_num_threads(), torch.__version__, transformers.__version__,
-        type(base).__name__, str(base.dtype), layers, max_tokens,
+        type(base).__name__, str(base.dtype), layers, max_tokens, source_digest(),
     ]
     return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:20]

@@ -237,3 +237,18 @@ def test_moving_casting_or_copying_a_prepacked_layer_is_a_clear_error(tiny_model
         model.half()
     with pytest.raises(RuntimeError, match="copy the model before prepacking"):
         copy.deepcopy(model.base_lm)
+
+
+def test_from_pretrained_packs_only_a_base_it_loads_unless_asked(tiny_model_factory, tmp_path: Path) -> None:
+    model = _hydra(tiny_model_factory)
+    model.base_lm.save_pretrained(tmp_path / "base")
+    model.config.base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "heads")
+    assert HydraForCausalLM.from_pretrained(tmp_path / "heads").base_prepack is not None  # loaded here: packed
+    passed = HydraForCausalLM.from_pretrained(tmp_path / "heads", base_model=model.base_lm)
+    assert passed.base_prepack is None  # yours: left as it is
+    assert HydraForCausalLM.from_pretrained(tmp_path / "heads", prepack=False).base_prepack is None
+    bfloat16 = HydraForCausalLM.from_pretrained(tmp_path / "heads", dtype=torch.bfloat16)
+    assert bfloat16.base_prepack is None  # not float32: not packable, not packed
+    with pytest.raises(ValueError, match="float32"):
+        HydraForCausalLM.from_pretrained(tmp_path / "heads", prepack=True, dtype=torch.bfloat16)
