@@ -59,7 +59,7 @@ def load_model(
             model.prepack_base()
     else:
         source = heads if heads is not None else assets.pretrained_heads_path(arch)
-        model = HydraForCausalLM.from_pretrained(source, prepack=prepack is not False)
+        model = HydraForCausalLM.from_pretrained(source, prepack=prepack)
     return with_packed_heads(model) if prepack else model
 
 
@@ -290,7 +290,7 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     from .tree_tuning import stored_rank_accuracy, tune_tree
 
     # latencies measured on the kernels decoding will run (the drafts too, with --prepack)
-    model = HydraForCausalLM.from_pretrained(args.heads, prepack=args.prepack is not False)
+    model = HydraForCausalLM.from_pretrained(args.heads, prepack=args.prepack)
     model = with_packed_heads(model) if args.prepack else model
     digest = hub.heads_digest(args.heads)
     stored = None if args.features else stored_rank_accuracy(args.heads, model.config.num_heads)

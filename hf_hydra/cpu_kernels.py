@@ -1,10 +1,11 @@
 """Panel-packed float32 linear layers for AVX2 CPUs: few-token forwards at the memory limit.
 
 A decoding step multiplies one to a few rows by every weight matrix of the base, so its cost is reading the
-weights. torch's stock CPU kernels (MKL) are far from that limit on AVX2 machines for 2-8 rows (measured on a
-2-core AVX2 EPYC with SmolLM2-135M: a 4-row forward 1.4x a 1-row one, and the 1-row one 1.7x the bandwidth
-limit). `hf_hydra/csrc/packed_linear.c` streams each weight once, in panels of 16 output columns, while all
-rows accumulate in registers (see its header). It is plain C with AVX2 intrinsics, built on first use with the
+weights. torch's stock CPU kernels (MKL) are far from that limit on AVX2 machines (measured on a 2-core
+AVX2-only EPYC with SmolLM2-135M, one thread: a 4-row forward 1.8x a 1-row one, the 1-row one 2.1x the time of
+reading the weights once; with these kernels 1.3x and 1.85x, the linear layers themselves at the bandwidth).
+`hf_hydra/csrc/packed_linear.c` streams each weight once, in panels of 16 output columns, while up to 6 rows
+accumulate in registers (see its header). It is plain C with AVX2 intrinsics, built on first use with the
 system C compiler (about a second) into ``<cache_root()>/kernels/`` and loaded with ctypes; where the CPU lacks
 AVX2/FMA, there is no compiler, or the build fails, `kernel_library()` says why and the caller keeps torch's
 kernels.

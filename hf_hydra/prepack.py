@@ -14,11 +14,11 @@ step, tau the same on 7 prompts and 1.44 -> 1.46 on the eighth). The base stays 
 
 Two kernels pack the base, and `prepack_linear_layers` times both on the model's own layers and keeps the faster
 (`kernel="auto"`): oneDNN's (this module) and the AVX2 panel kernels of `hf_hydra.cpu_kernels`, which stream the
-weights at the memory limit where oneDNN does not (measured on a 2-core AVX2 EPYC: a 1-token SmolLM2 forward
-62 ms against oneDNN's 77 and stock 81, one thread; docs/ has the figures).
+weights at the memory bandwidth where oneDNN does not (measured on a 2-core AVX2-only EPYC, one thread: a 1-token
+SmolLM2 forward 48 ms against oneDNN's 60 and stock 58, 8 tokens 74 against 97 and 112; `artifacts/README.md`).
 
-Inference only: the packed weight is an opaque oneDNN tensor (no autograd, no moving or casting, no copying;
-not saved). Such requests are a RuntimeError saying so.
+Inference only. oneDNN's packed weight is an opaque tensor (no autograd, no moving or casting, no copying; not
+saved); panel layers copy, but do not train, move or cast either. Such requests are a RuntimeError saying so.
 """
 
 from __future__ import annotations
