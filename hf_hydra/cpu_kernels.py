@@ -2,8 +2,8 @@
 
 A decoding step multiplies one to a few rows by every weight matrix of the base, so its cost is reading the
 weights. torch's stock CPU kernels (MKL) are far from that limit on AVX2 machines (measured on a 2-core
-AVX2-only EPYC with SmolLM2-135M, one thread: a 4-row forward 1.8x a 1-row one, the 1-row one 2.1x the time of
-reading the weights once; with these kernels 1.3x and 1.85x, the linear layers themselves at the bandwidth).
+AVX2-only EPYC with SmolLM2-135M, one thread: a 4-row forward 1.7x a 1-row one, the 1-row one 2.2x the time of
+reading the weights once; with these kernels 1.2x and 1.8x, the linear layers themselves at the bandwidth).
 `hf_hydra/csrc/packed_linear.c` streams each weight once, in panels of 16 output columns, while up to 6 rows
 accumulate in registers (see its header). It is plain C with AVX2 intrinsics, built on first use with the
 system C compiler (about a second) into ``<cache_root()>/kernels/`` and loaded with ctypes; where the CPU lacks
