@@ -94,7 +94,7 @@ def test_the_default_path_on_a_packed_base_matches_stock_greedy(base_model, prom
     assert model.base_prepack is not None
     ties = []
     for input_ids, plain in zip(prompts, plain_outputs, strict=True):
-        fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True, tree="dynamic")
+        fast = model.generate(input_ids, max_new_tokens=NEW_TOKENS, speculative=True, tree="dynamic")  # by name
         tie = assert_same_or_tie(base_model, plain, fast, input_ids.shape[1])
         if tie is not None:
             ties.append(tie)
