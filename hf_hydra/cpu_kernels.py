@@ -111,6 +111,18 @@ def _declare(library: ctypes.CDLL) -> None:
         raise OSError(f"kernel library panel width {library.hh_panel_width()} != {PANEL}")
 
 
+def refuse_moving(fn, why: str) -> None:
+    """A packed layer's `_apply` (`.to()`, `.half()`, `.cuda()`, ...): a RuntimeError unless `fn` leaves a CPU
+    float32 tensor as it is; `why` says what the layer holds."""
+    probe = fn(torch.empty(0))
+    if probe.device.type != "cpu" or probe.dtype != torch.float32:
+        raise RuntimeError(
+            f"A packed layer cannot move or change dtype (to {probe.device.type} / {probe.dtype}): {why}. Move or "
+            "cast the model before packing, or reload it (from_pretrained(..., prepack=False) keeps torch's own "
+            "layers)."
+        )
+
+
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """(out, in) float32 -> (ceil(out / 16), in, 16) panels, the last one zero-padded; a new tensor."""
     out_features, in_features = weight.shape
@@ -166,14 +178,7 @@ class PanelLinear(nn.Module):
         return out
 
     def _apply(self, fn, recurse: bool = True) -> PanelLinear:
-        """`.to()`, `.half()`, `.cuda()`, ...: allowed only when they leave a CPU float32 tensor as it is."""
-        probe = fn(torch.empty(0))
-        if probe.device.type != "cpu" or probe.dtype != torch.float32:
-            raise RuntimeError(
-                f"A packed layer cannot move or change dtype (to {probe.device.type} / {probe.dtype}): it runs "
-                "CPU float32 kernels. Move or cast the model before packing, or reload it (from_pretrained(..., "
-                "prepack=False) keeps torch's own layers)."
-            )
+        refuse_moving(fn, "it runs CPU float32 kernels")
         return self
 
     def extra_repr(self) -> str:

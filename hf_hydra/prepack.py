@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cpu_kernels import PanelLinear, kernel_library
+from .cpu_kernels import PanelLinear, kernel_library, refuse_moving
 
 DEFAULT_BATCH_SIZE_HINT = 8  # the row count oneDNN tunes the blocked layout for (a small verification tree)
 
@@ -78,14 +78,7 @@ class PrepackedLinear(nn.Module):
         return out.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True) -> PrepackedLinear:
-        """`.to()`, `.half()`, `.cuda()`, ...: allowed only when they leave a CPU float32 tensor as it is."""
-        probe = fn(torch.empty(0))
-        if probe.device.type != "cpu" or probe.dtype != torch.float32:
-            raise RuntimeError(
-                f"A prepacked layer cannot move or change dtype (to {probe.device.type} / {probe.dtype}): its "
-                "weight is an opaque oneDNN tensor. Move or cast the model before prepacking, or reload it "
-                "(from_pretrained(..., prepack=False) keeps torch's own layers)."
-            )
+        refuse_moving(fn, "its weight is an opaque oneDNN tensor")
         return self
 
     def __deepcopy__(self, memo: dict) -> PrepackedLinear:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -73,8 +74,9 @@ class RooflineReport:
         return dataclasses.asdict(self) | {"limit_seconds": self.limit_seconds, "ratios": self.ratios}
 
 
+@functools.lru_cache(maxsize=1)
 def describe_cpu() -> CpuDescription:
-    """The CPU model name and its vector-extension flags (from /proc/cpuinfo where there is one)."""
+    """The CPU model name and its vector-extension flags (from /proc/cpuinfo where there is one), read once."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return CpuDescription(platform.processor() or platform.machine(), [])
