@@ -285,7 +285,7 @@ def _label_and_path(spec: str, option: str) -> tuple[str, str]:
 def run_tune_tree(args: argparse.Namespace) -> int:
     import json
 
-    from . import hub
+    from . import hub, model_card
     from .roofline import machine_identity
     from .tree_tuning import stored_rank_accuracy, tune_tree
 
@@ -322,7 +322,7 @@ def run_tune_tree(args: argparse.Namespace) -> int:
     previous.write_text(json.dumps(record, indent=1))
     model.config.save_pretrained(args.heads)  # the weights stay as they were saved (dtype included)
     model.generation_config.save_pretrained(args.heads)
-    hub.write_model_card(args.heads)  # the card shows the tuning's prediction
+    model_card.write_model_card(args.heads)  # the card shows the tuning's prediction
     print(f"static tree of {len(paths)} nodes: expected tau {report.choice.expected_tau:.2f}, "
           f"expected {report.choice.expected_tokens_per_second:.1f} tokens/s; the default of {args.heads} is now "
           "the dynamic tree on this machine's verification curve")
@@ -400,9 +400,9 @@ def _tune_tree_command(args: argparse.Namespace) -> str:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from . import hub
+    from . import model_card
 
-    commit = hub.push_folder(
+    commit = model_card.push_folder(
         args.folder, args.repo, token=args.token, private=args.private or None, revision=args.revision,
         commit_message=args.message, benchmark=args.benchmark,
     )

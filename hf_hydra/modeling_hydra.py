@@ -25,7 +25,7 @@ from transformers.generation import StoppingCriteriaList, StopStringCriteria
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, cached_file
 
-from . import assets, hub
+from . import assets, hub, model_card, reference_checkpoints
 from .assisted import HydraCandidateGenerator, assisted_decoding
 from .attention import use_packed_gqa_attention
 from .cache_name import CACHE_NAME, cache_argument, output_cache
@@ -162,13 +162,13 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the heads (`token`,
         `cache_dir` and `local_files_only` to the base too); other keyword arguments (e.g. `dtype`, `device_map`)
         go to the base model's `from_pretrained`. Also loads the heads published with the Hydra and Medusa papers
-        (their own layouts, see `hub.py`); `hf-hydra convert` saves them in ours.
+        (their own layouts, see `reference_checkpoints.py`); `hf-hydra convert` saves them in ours.
         """
         if model_args:
             raise TypeError("HydraForCausalLM.from_pretrained takes no extra positional arguments.")
         hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
         source = str(pretrained_model_name_or_path)
-        reference = hub.read_reference_checkpoint(source, hub_kwargs) if config is None else None
+        reference = reference_checkpoints.read_reference_checkpoint(source, hub_kwargs) if config is None else None
         if config is None:
             config = reference.config if reference is not None else HydraConfig.from_pretrained(source, **hub_kwargs)
         loads_base = base_model is None
@@ -179,8 +179,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         if prepack is None:
             prepack = loads_base and packable_on_cpu(base_model)
         if reference is not None:
-            model = cls(hub.config_for_base(reference, base_model), base_model)
-            hub.load_reference_weights(model, reference)
+            model = cls(reference_checkpoints.config_for_base(reference, base_model), base_model)
+            reference_checkpoints.load_reference_weights(model, reference)
             return model._loaded(prepack)
         weights = _load_heads_state(source, hub_kwargs)
         model = cls(config, base_model, weights.get("heads.draft_token_ids"))
@@ -237,9 +237,9 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         heads_state = {f"heads.{k}": v.contiguous() for k, v in self.heads.state_dict().items()}
         super().save_pretrained(save_directory, state_dict=heads_state, **kwargs)
         self._save_tree_tuning(Path(save_directory))
-        hub.write_model_card(save_directory, benchmark=benchmark)
+        model_card.write_model_card(save_directory, benchmark=benchmark)
         if push_to_hub:  # after the card is written (transformers' own push would upload a generic one)
-            hub.push_folder(save_directory, push.pop("repo_id", Path(save_directory).name), **push)
+            model_card.push_folder(save_directory, push.pop("repo_id", Path(save_directory).name), **push)
 
     def _save_tree_tuning(self, folder: Path) -> None:
         """The loaded tree_tuning.json goes with the heads it measured: written beside them when the heads are
@@ -265,7 +265,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         kwargs.pop("max_shard_size", None)  # the heads are one small file
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
-            return hub.push_folder(folder, repo_id, benchmark=benchmark, tags=tags, **kwargs)
+            return model_card.push_folder(folder, repo_id, benchmark=benchmark, tags=tags, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # Training forward

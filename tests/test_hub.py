@@ -1,4 +1,5 @@
-"""Tests for hub.py: Hub artifacts and the published reference checkpoints.
+"""Tests for hub.py, model_card.py and reference_checkpoints.py: Hub artifacts and the published reference
+checkpoints.
 
 * Push and pull over real HTTP on 127.0.0.1 only: a Hub API server the tests start (tests/hub_server.py) and
   olah (a Hub mirror from PyPI) serving a local git repo. The client side runs in subprocesses
@@ -47,7 +48,7 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import hf_hydra  # noqa: F401  (registers model type "hydra" with the Auto classes)
-from hf_hydra import HydraForCausalLM, cli, hub
+from hf_hydra import HydraForCausalLM, cli, hub, model_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -359,7 +360,7 @@ def test_reproduce_command_in_the_card_gives_the_same_training_arguments() -> No
         vocab_projection="shared_draft_vocab", lr=5e-4, epochs=2.5, dropout=0.2, noise_alpha=5.0, save_every=7,
         save_dtype="bfloat16", tree="chain-3", extra_features_dirs=("/secret/raw", "/secret/more"),
     )
-    command = hub._train_command(dataclasses.asdict(args), "features/", ["features/raw", "features/more"])
+    command = model_card._train_command(dataclasses.asdict(args), "features/", ["features/raw", "features/more"])
     parsed = cli.build_parser().parse_args(shlex.split(command)[1:])
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     again = TrainingArguments(**{k: v for k, v in vars(parsed).items() if k in names and v is not None})
@@ -374,7 +375,7 @@ def test_reproduce_command_of_a_two_process_run_launches_two_processes() -> None
     args = TrainingArguments(
         features_dir="/secret/features", output_dir="/secret/heads", base_model="org/base", batch_size=8
     )
-    command = shlex.split(hub._train_command(dataclasses.asdict(args), "features/", [], num_processes=2))
+    command = shlex.split(model_card._train_command(dataclasses.asdict(args), "features/", [], num_processes=2))
     # batch_size is per process: on one process the same arguments would halve the batch.
     assert command[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "hf_hydra.cli"]
     parsed = cli.build_parser().parse_args(command[7:])
