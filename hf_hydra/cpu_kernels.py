@@ -1,17 +1,19 @@
-"""Panel-packed float32 linear layers for AVX2 CPUs: few-token forwards at the memory limit.
+"""Panel-packed float32 linear layers for AVX2 and AVX-512 CPUs: few-token forwards at the memory limit.
 
 A decoding step multiplies one to a few rows by every weight matrix of the base, so its cost is reading the
 weights. torch's stock CPU kernels (MKL) are far from that limit on AVX2 machines (measured on a 2-core
 AVX2-only EPYC with SmolLM2-135M, one thread: a 4-row forward 1.7x a 1-row one, the 1-row one 2.2x the time of
 reading the weights once; with these kernels 1.2x and 1.8x, the linear layers themselves at the bandwidth).
-`hf_hydra/csrc/packed_linear.c` streams each weight once, in panels of 16 output columns, while up to 6 rows
-accumulate in registers (see its header). It is plain C with AVX2 intrinsics, built on first use with the
-system C compiler (about a second) into ``<cache_root()>/kernels/`` and loaded with ctypes; where the CPU lacks
+`hf_hydra/csrc/packed_linear.c` streams each weight once, in panels of 16 output columns, while a group of rows
+accumulates in registers (up to 6 with AVX2, 12 with AVX-512; see its header). It is plain C with intrinsics,
+built on first use with the system C compiler (about a second) into ``<cache_root()>/kernels/`` and loaded with
+ctypes; the AVX-512 kernels run where the CPU has AVX-512F, the AVX2 ones elsewhere. Where the CPU lacks
 AVX2/FMA, there is no compiler, or the build fails, `kernel_library()` says why and the caller keeps torch's
 kernels.
 
 The outputs agree with the stock ones up to float rounding (each output is one in-order float32 sum), like any
-change of matmul kernel. Inference only: packed layers refuse autograd and dtype or device changes.
+change of matmul kernel; the AVX2 and AVX-512 kernels agree bit for bit. Inference only: packed layers refuse
+autograd and dtype or device changes.
 """
 
 from __future__ import annotations
@@ -40,16 +42,23 @@ PANEL = 16  # output columns per panel; must match csrc/packed_linear.c
 # a 300-token prefill 1.15x stock, against 2.3x through the panel kernel.
 MAX_PANEL_ROWS = 32
 MAX_BATCHED_ROWS = 64
+ISAS = ("avx2", "avx512")  # the kernels' instruction sets, as named in csrc/packed_linear.c
 _SOURCE = "packed_linear.c"
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 
 
 @dataclass(frozen=True)
 class KernelLibrary:
-    """The loaded kernel library, or why there is none (library None, reason set)."""
+    """The loaded kernel library and the instruction set its kernels use here ("avx512" or "avx2"), or why there
+    is none (library None, reason set)."""
 
     library: ctypes.CDLL | None
     reason: str | None = None
+    isa: str | None = None
+
+    def linear(self, isa: str | None = None):
+        """The C function computing a packed linear layer with `isa`'s kernels (default: this CPU's best)."""
+        return getattr(self.library, f"hh_packed_linear_{isa or self.isa}")
 
 
 def cpu_has_avx2_fma() -> bool:
@@ -75,9 +84,9 @@ def kernel_library() -> KernelLibrary:
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        return KernelLibrary(None, f"building the AVX2 kernels failed: {str(detail).strip()[:300]}")
+        return KernelLibrary(None, f"building the panel kernels failed: {str(detail).strip()[:300]}")
     _declare(library)
-    return KernelLibrary(library)
+    return KernelLibrary(library, isa="avx512" if library.hh_has_avx512() else "avx2")
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,8 +113,11 @@ def _build(compiler: str, source: bytes, target: Path) -> None:
 
 def _declare(library: ctypes.CDLL) -> None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.hh_packed_linear.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
-    library.hh_packed_linear.restype = None
+    for isa in ISAS:
+        function = getattr(library, f"hh_packed_linear_{isa}")
+        function.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
+        function.restype = None
+    library.hh_has_avx512.restype = ctypes.c_int
     library.hh_panel_width.restype = ctypes.c_int
     if library.hh_panel_width() != PANEL:
         raise OSError(f"kernel library panel width {library.hh_panel_width()} != {PANEL}")
@@ -132,13 +144,13 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
 
 
 class PanelLinear(nn.Module):
-    """`nn.Linear` inference on panel-packed float32 weights (AVX2 kernels); same inputs and outputs."""
+    """`nn.Linear` inference on panel-packed float32 weights (AVX2 or AVX-512 kernels); same inputs and outputs."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         library = kernel_library()
         if library.library is None:
-            raise RuntimeError(f"The AVX2 linear kernels are unavailable: {library.reason}.")
+            raise RuntimeError(f"The panel linear kernels are unavailable: {library.reason}.")
         self.out_features, self.in_features = weight.shape
         self.register_buffer("panels", pack_panels(weight), persistent=False)  # (ceil(out/16), in, 16)
         bias = None if bias is None else bias.detach().to(torch.float32).contiguous()  # (out,)
@@ -168,10 +180,10 @@ class PanelLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _panel_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, in) -> (n, out) with the AVX2 kernel."""
+        """(n, in) -> (n, out) with the panel kernel."""
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        kernel_library().library.hh_packed_linear(
+        kernel_library().linear()(
             rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, bias,
             out.data_ptr(),
         )

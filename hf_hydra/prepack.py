@@ -1,21 +1,18 @@
 """Prepacked linear layers: few-token forwards that cost less than a stock one-token forward on CPUs.
 
-torch's stock float32 CPU matmul (MKL) handles a handful of rows badly: measured on SmolLM2-135M with one
-thread, a forward over 2-3 tokens costs 1.7-1.9x a one-token forward and 4-12 tokens 1.3-1.7x, so the
-verification forward eats what the drafts gain. Reordering every weight once into oneDNN's blocked layout
-("prepacking"; the ops are those torch.compile's CPU backend emits for frozen weights) makes a forward over
-3-12 tokens cost 0.75-1.05x the stock one-token forward (2 tokens 1.2x, one token 0.9x). The outputs agree
-with the stock ones up to float rounding (logits within ~1e-4 on SmolLM2), like any change of matmul kernel.
+torch's stock float32 CPU matmul (MKL) handles a handful of rows badly: a forward over a few tokens costs much
+more than a one-token forward, so the verification forward eats what the drafts gain. Reordering every weight
+once into oneDNN's blocked layout ("prepacking"; the ops are those torch.compile's CPU backend emits for frozen
+weights) brings few-token forwards close to the one-token one. The outputs agree with the stock ones up to float
+rounding, like any change of matmul kernel.
 
 The draft heads are prepacked in bfloat16 where the CPU has bfloat16 kernels: their step reads the 8,192-row
 draft-vocabulary projection once per head call, and after a base forward has flushed the caches that read is
-most of the drafting time (measured on SmolLM2's Hydra++ heads, 8 MT-Bench prompts: drafting 6.7 -> 2.8 ms a
-step, tau the same on 7 prompts and 1.44 -> 1.46 on the eighth). The base stays float32: it decides every token.
+most of the drafting time. The base stays float32: it decides every token.
 
 Two kernels pack the base, and `prepack_linear_layers` times both on the model's own layers and keeps the faster
-(`kernel="auto"`): oneDNN's (this module) and the AVX2 panel kernels of `hf_hydra.cpu_kernels`, which stream the
-weights at the memory bandwidth where oneDNN does not (measured on a 2-core AVX2-only EPYC, one thread: a 1-token
-SmolLM2 forward 48 ms against oneDNN's 60 and stock 58, 8 tokens 74 against 97 and 112; `artifacts/README.md`).
+(`kernel="auto"`): oneDNN's (this module) and the AVX2 / AVX-512 panel kernels of `hf_hydra.cpu_kernels`, which
+stream the weights at the memory bandwidth where oneDNN does not (figures per CPU in `artifacts/README.md`).
 
 Inference only. oneDNN's packed weight is an opaque tensor (no autograd, no moving or casting, no copying; not
 saved); panel layers copy, but do not train, move or cast either. Such requests are a RuntimeError saying so.
@@ -179,8 +176,8 @@ def prepack_linear_layers(
 ) -> PrepackReport:
     """Replace every plain `nn.Linear` of `module` (in place) by a packed layer with the same weights.
 
-    kernel: "onednn" (`PrepackedLinear`), "panel" (`PanelLinear`, float32 on AVX2 CPUs) or "auto": the faster
-    of the two on this machine for a sample of `module`'s own layers (`choose_kernel`)."""
+    kernel: "onednn" (`PrepackedLinear`), "panel" (`PanelLinear`, float32 on AVX2 and AVX-512 CPUs) or "auto":
+    the faster of the two on this machine for a sample of `module`'s own layers (`choose_kernel`)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     linears = check_prepackable(module)

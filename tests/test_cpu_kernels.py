@@ -1,4 +1,5 @@
-"""Tests for hf_hydra.cpu_kernels: the AVX2 panel kernels compute `nn.Linear` up to float rounding.
+"""Tests for hf_hydra.cpu_kernels: the panel kernels compute `nn.Linear` up to float rounding, and the AVX2 and
+AVX-512 kernels agree bit for bit (where this CPU runs both).
 
 Odd sizes (partial panels, row counts that split into uneven groups, inner sizes that are not multiples of 8),
 biases, batched and non-contiguous inputs, one thread and two, the tied lm_head of a real architecture; and the
@@ -70,6 +71,33 @@ def test_threads_split_the_panels_exactly(threads: int) -> None:
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(single, split)  # each output is one sum, whichever thread computes it
+
+
+def _run_isa(isa: str, layer: PanelLinear, x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[0], layer.out_features)
+    bias = None if layer.bias is None else layer.bias.data_ptr()
+    kernel_library().linear(isa)(
+        x.data_ptr(), x.shape[0], layer.in_features, layer.panels.data_ptr(), layer.out_features, bias, out.data_ptr()
+    )
+    return out
+
+
+def test_the_library_names_this_cpus_instruction_set() -> None:
+    assert kernel_library().isa == ("avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2")
+
+
+@pytest.mark.skipif(kernel_library().isa != "avx512", reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 8, 12, 13, 25, 32])
+@pytest.mark.parametrize("out_features", [16, 45])
+def test_avx512_and_avx2_kernels_agree_bit_for_bit(rows: int, out_features: int) -> None:
+    """Both add the same products in the same order with one rounding each, whatever the row groups."""
+    torch.manual_seed(rows)
+    layer = PanelLinear.from_linear(nn.Linear(577, out_features))
+    x = torch.randn(rows, 577)
+    avx512 = _run_isa("avx512", layer, x)
+    assert torch.equal(avx512, _run_isa("avx2", layer, x))
+    with torch.no_grad():
+        assert torch.equal(avx512[:1], layer(x[:1]))  # a row's result does not depend on the rows beside it
 
 
 def test_panels_are_the_weight_columns_padded_with_zeros() -> None:
@@ -145,7 +173,7 @@ def test_no_compiler_keeps_torch_kernels_with_a_reason(monkeypatch, tmp_path) ->
     kernel_library.cache_clear()
     try:
         library = kernel_library()
-        assert library.library is None and "building the AVX2 kernels failed" in library.reason
+        assert library.library is None and "building the panel kernels failed" in library.reason
         model = nn.Sequential(nn.Linear(16, 8))
         assert prepack_linear_layers(model).kernel == "onednn"  # auto falls back
         with pytest.raises(ValueError, match="panel kernels are unavailable"):
