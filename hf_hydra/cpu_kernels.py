@@ -161,31 +161,32 @@ class PanelLinear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) float32 -> (..., out)."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("PanelLinear is for inference only: run it under torch.no_grad().")
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        """x: (..., in) float32 -> (..., out). Runs once per layer per decoding step: the few-row path allocates the
+        output in its final shape and calls the kernel directly (a Python-level cost of a few microseconds)."""
+        if x.dtype is not torch.float32 or not x.is_cpu:
             raise RuntimeError(f"PanelLinear computes on CPU float32 inputs, got {x.device.type} {x.dtype}.")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("PanelLinear is for inference only: run it under torch.no_grad().")
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"PanelLinear expects inputs of size {self.in_features}, got shape {tuple(x.shape)}.")
-        rows = x.reshape(-1, self.in_features).contiguous()  # (n, in)
-        if rows.shape[0] <= MAX_PANEL_ROWS:
-            out = self._panel_rows(rows)
-        elif rows.shape[0] <= MAX_BATCHED_ROWS:  # (panels, n, 16) -> (n, panels * 16)
-            out = torch.matmul(rows, self.panels).transpose(0, 1).reshape(rows.shape[0], -1)[:, : self.out_features]
+        rows = x.numel() // self.in_features
+        if rows <= MAX_PANEL_ROWS:
+            return self._panel_rows(x if x.is_contiguous() else x.contiguous(), rows)
+        flat = x.reshape(rows, self.in_features)  # (n, in)
+        if rows <= MAX_BATCHED_ROWS:  # (panels, n, 16) -> (n, panels * 16)
+            out = torch.matmul(flat, self.panels).transpose(0, 1).reshape(rows, -1)[:, : self.out_features]
             out = out if self.bias is None else out + self.bias
         else:
             weight = self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]  # (out, in)
-            out = nn.functional.linear(rows, weight, self.bias)
+            out = nn.functional.linear(flat, weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _panel_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, in) -> (n, out) with the panel kernel."""
-        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+    def _panel_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Contiguous (..., in) holding `rows` rows -> (..., out) with the panel kernel."""
+        out = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)  # laid out as (rows, out)
         bias = None if self.bias is None else self.bias.data_ptr()
         kernel_library().linear()(
-            rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, bias,
-            out.data_ptr(),
+            x.data_ptr(), rows, self.in_features, self.panels.data_ptr(), self.out_features, bias, out.data_ptr()
         )
         return out
 
