@@ -13,7 +13,6 @@ sampling draws from (the base's logits / temperature), a quality check for the l
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import itertools
 import json
@@ -35,6 +34,7 @@ from .bench_table import AUTOREGRESSIVE, markdown_table
 from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name, packed_kernel
+from .roofline import describe_cpu
 from .tree import DYNAMIC_TREE, TreeSpec, resolve_tree
 
 SCHEMA_VERSION = 1
@@ -503,10 +503,13 @@ def step_time_shares(phase_seconds: Sequence[dict[str, float]]) -> dict[str, flo
 
 
 def machine_info(device: torch.device) -> dict:
+    cpu = describe_cpu()
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu": cpu_model_name(),
+        "cpu": cpu.model,
+        "cpu_flags": cpu.flags,
+        "cpu_vector_level": cpu.vector_level,
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -518,15 +521,6 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def cpu_model_name() -> str | None:
-    """The CPU's model name as Linux reports it (None elsewhere): the speed-ups depend on it."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return None
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:

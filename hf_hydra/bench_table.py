@@ -37,7 +37,9 @@ def markdown_table(report: dict) -> str:
 def _processor_text(machine: dict) -> str:
     cpu = machine.get("cpu")  # absent from reports written before it was recorded
     cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
-    return f"{cpu} {machine['processor']}{cores}" if cpu else machine["processor"]
+    level = machine.get("cpu_vector_level")  # absent from reports written before it was recorded
+    vector = f", {level}" if level else ""
+    return f"{cpu} {machine['processor']}{cores}{vector}" if cpu else machine["processor"]
 
 
 def _prepacked_text(settings: dict) -> str:
@@ -55,7 +57,7 @@ def _prepacked_text(settings: dict) -> str:
 # the packed base's kernel (`PrepackReport.kernel`); reports written before the choice existed used oneDNN's
 PACKED_LAYERS = {
     "onednn": "oneDNN-prepacked linear layers",
-    "panel": "AVX2 panel-packed linear layers (`hf_hydra.cpu_kernels`)",
+    "panel": "panel-packed linear layers (`hf_hydra.cpu_kernels`)",
 }
 
 

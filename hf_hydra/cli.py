@@ -37,7 +37,7 @@ class TimedGeneration:
 
 
 PREPACK_HELP = (
-    "CPU, float32: --prepack packs the base's linear layers (the faster of oneDNN's and the AVX2 panel kernels "
+    "CPU, float32: --prepack packs the base's linear layers (the faster of oneDNN's and the panel kernels "
     "here, hf_hydra.prepack), so that verifying a few tokens costs about a stock one-token forward, and the heads' "
     "(bfloat16 where the CPU supports it: cheaper drafting); --no-prepack keeps torch's layers; neither packs the "
     "base only, where it can (as from_pretrained does)"

@@ -377,7 +377,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepack_base(self, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT, kernel: str = "auto") -> PrepackReport:
         """CPU inference: replace the base's float32 `nn.Linear` layers by packed ones (in place; see
-        `hf_hydra.prepack`; the faster of oneDNN's and the AVX2 panel kernels on this machine by default), so
+        `hf_hydra.prepack`; the faster of oneDNN's and the panel kernels on this machine by default), so
         that verifying a few tokens costs about a stock one-token forward. `from_pretrained` does this itself
         for a base it loads onto the CPU. Speculative and plain `generate` both use them; outputs agree with the
         stock kernels' up to float rounding. The heads are untouched and save as before; the base cannot train

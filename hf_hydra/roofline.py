@@ -44,6 +44,14 @@ class CpuDescription:
     model: str
     flags: list[str]  # AVX2 / AVX-512 / AMX flags, sorted
 
+    @property
+    def vector_level(self) -> str:
+        """The widest of these extensions, in words: "AMX", "AVX-512", "AVX2" or "no AVX2"."""
+        for prefix, level in (("amx", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+            if any(flag.startswith(prefix) for flag in self.flags):
+                return level
+        return "no AVX2"
+
 
 @dataclasses.dataclass(frozen=True)
 class RooflineReport:

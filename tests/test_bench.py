@@ -43,7 +43,8 @@ def report(base, tokenizer):
 
 def test_report_schema_and_lossless_methods(report):
     assert set(report) == {"schema_version", "created", "machine", "settings", "results", "summary"}
-    recorded = {"torch", "transformers", "hf_hydra", "torch_threads", "device", "cpu", "cpu_count"}
+    recorded = {"torch", "transformers", "hf_hydra", "torch_threads", "device", "cpu", "cpu_count", "cpu_flags",
+                "cpu_vector_level"}
     assert recorded <= set(report["machine"])
     assert report["settings"]["methods"] == list(bench.ALL_METHODS)
     assert len(report["results"]) == 2 * len(bench.ALL_METHODS)
@@ -196,9 +197,13 @@ def test_sampling_bench_reports_log_likelihood_instead_of_mismatches(base, token
 
 
 def test_table_names_the_cpu_when_the_report_has_it(report):
-    machine = {**report["machine"], "device": "cpu", "processor": "x86_64", "cpu": "AMD EPYC", "cpu_count": 2}
-    assert "cpu (AMD EPYC x86_64, 2 cores, " in bench.markdown_table({**report, "machine": machine})
-    older = {k: v for k, v in machine.items() if k not in ("cpu", "cpu_count")}  # written before it was recorded
+    machine = {
+        **report["machine"], "device": "cpu", "processor": "x86_64", "cpu": "AMD EPYC", "cpu_count": 2,
+        "cpu_vector_level": "AVX-512",
+    }
+    assert "cpu (AMD EPYC x86_64, 2 cores, AVX-512, " in bench.markdown_table({**report, "machine": machine})
+    older = {k: v for k, v in machine.items() if k not in ("cpu", "cpu_count", "cpu_vector_level")}  # written before
+    assert "cpu (x86_64, " in bench.markdown_table({**report, "machine": older})
     assert "cpu (x86_64, " in bench.markdown_table({**report, "machine": older})
 
 
@@ -254,7 +259,7 @@ def test_prepacked_bench_keeps_the_stock_reference(base, tokenizer, tmp_path):
     assert all(row["identical"] for row in report["results"])
     kernel = report["settings"]["kernel"]
     assert kernel in ("onednn", "panel")
-    assert {"onednn": "oneDNN-prepacked", "panel": "AVX2 panel-packed"}[kernel] in bench.markdown_table(report)
+    assert {"onednn": "oneDNN-prepacked", "panel": "panel-packed"}[kernel] in bench.markdown_table(report)
     unpacked = bench.markdown_table({**report, "settings": {**report["settings"], "prepacked": False}})
     assert "oneDNN" not in unpacked and "panel" not in unpacked
 

@@ -64,6 +64,15 @@ def test_the_cpu_is_described_with_its_vector_flags() -> None:
     assert all(flag == "avx2" or flag.startswith(("avx512", "amx")) for flag in cpu.flags)
 
 
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [([], "no AVX2"), (["avx2"], "AVX2"), (["avx2", "avx512_vnni", "avx512f"], "AVX-512"),
+     (["amx_tile", "avx2", "avx512f"], "AMX"), (["avx2", "avx512_vnni"], "AVX2")],
+)
+def test_the_vector_level_is_the_widest_extension(flags: list[str], level: str) -> None:
+    assert CpuDescription("cpu", flags).vector_level == level
+
+
 def test_the_table_names_each_kernel_and_the_limit() -> None:
     table = roofline_table([_report([0.03, 0.031, 0.032, 0.04])])
     assert "| panel | 30.0 ms (1.50x) |" in table
