@@ -20,7 +20,8 @@ from transformers import DynamicCache, PreTrainedModel
 from .attention import PACKED_GQA_ATTENTION
 from .cache_name import cache_argument
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
-from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, prepack_linear_layers
+from .cpu_kernels import PanelLinear
+from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, packed_kernel, prepack_linear_layers
 from .tree import causal_mask
 
 
@@ -144,7 +145,7 @@ class DraftHeads(nn.Module):
             self.register_buffer("base_output_weight", base_output, persistent=False)  # (V, d), a view
             self.register_buffer("shared_output_weight", output_init, persistent=False)  # (V or K, d)
             self.register_load_state_dict_post_hook(_refresh_shared_draft_rows)
-        self.packed_shared_output: PrepackedLinear | None = None  # set by `prepack`
+        self.packed_shared_output: PrepackedLinear | PanelLinear | None = None  # `prepack`, `pack_shared_projection`
         self.heads = nn.ModuleList(
             DraftHead(
                 blocks=self._blocks(i, d),
@@ -174,9 +175,24 @@ class DraftHeads(nn.Module):
 
     @property
     def prepacked_dtype(self) -> torch.dtype | None:
-        """The compute dtype of the prepacked layers (`prepack`); None while the heads are stock."""
-        packed = [module.compute_dtype for module in self.modules() if isinstance(module, PrepackedLinear)]
+        """The compute dtype of the heads' own prepacked layers (`prepack`); None while they are stock (a packed
+        copy of the shared projection alone, `pack_shared_projection`, leaves them stock)."""
+        packed = [
+            module.compute_dtype
+            for name, module in self.named_modules()
+            if isinstance(module, PrepackedLinear) and name != "packed_shared_output"
+        ]
         return packed[0] if packed else None
+
+    def pack_shared_projection(self, kernel: str) -> bool:
+        """CPU inference: a float32 copy of the shared vocabulary projection (rows of the frozen base lm_head,
+        read once per head call: most of a drafting step's memory traffic) on the base's packed `kernel`
+        ("panel" or "onednn"). The heads' own layers, what they save and their training are untouched: training
+        reads the buffer itself. False where there is no shared projection or it is packed already."""
+        if self.config.vocab_projection not in SHARED_PROJECTIONS or self.packed_shared_output is not None:
+            return False
+        self.packed_shared_output = _packed_projection(self.shared_output_weight, kernel)
+        return True
 
     def prepack(
         self, compute_dtype: torch.dtype, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT
@@ -214,7 +230,7 @@ class DraftHeads(nn.Module):
         features = head.features(self._head_input(head_index, context, path_embeds))  # (..., d)
         if head.output is not None:
             return head.output(features)
-        if self.packed_shared_output is not None:
+        if self.packed_shared_output is not None and not (features.requires_grad and torch.is_grad_enabled()):
             return self.packed_shared_output(features)
         return features @ self.shared_output_weight.T
 
@@ -241,6 +257,19 @@ def _refresh_shared_draft_rows(module: DraftHeads, incompatible_keys) -> None:
     """After loading saved `draft_token_ids`, take the shared draft rows of the base lm_head again."""
     if module.draft_token_ids is not None:
         module.shared_output_weight = module.base_output_weight[module.draft_token_ids]
+        packed = module.packed_shared_output
+        if packed is not None:  # a packed copy follows the rows, on its kernel and in its dtype
+            dtype = packed.compute_dtype if isinstance(packed, PrepackedLinear) else torch.float32
+            module.packed_shared_output = _packed_projection(module.shared_output_weight, packed_kernel(packed), dtype)
+
+
+def _packed_projection(
+    weight: torch.Tensor, kernel: str, compute_dtype: torch.dtype = torch.float32
+) -> PanelLinear | PrepackedLinear:
+    """(rows, d) -> an inference-only linear layer without bias on `kernel` ("panel" or "onednn")."""
+    if kernel == "panel":
+        return PanelLinear(weight)
+    return PrepackedLinear(weight, None, DEFAULT_BATCH_SIZE_HINT, compute_dtype)
 
 
 def _future_embeds(token_embeds: torch.Tensor, num_heads: int) -> torch.Tensor:

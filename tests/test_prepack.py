@@ -141,6 +141,44 @@ def _heads_logits(model: HydraForCausalLM) -> torch.Tensor:
         return torch.stack([model.heads(i, context, path) for i, path in enumerate(paths)])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("vocab_projection", ["shared", "shared_draft_vocab"])
+def test_packing_the_base_packs_a_copy_of_the_shared_projection(tiny_model_factory, tmp_path, kernel, vocab_projection):
+    """The heads draft through the packed copy, save the same bytes, train through the buffer itself, and a
+    state dict loaded later (other draft rows) reaches the copy."""
+    model = _shared_projection_heads(tiny_model_factory, vocab_projection, DRAFT_IDS)
+    expected = _heads_logits(model)
+    model.save_pretrained(tmp_path / "before")
+    model.prepack_base(kernel=kernel)
+    assert isinstance(model.heads.packed_shared_output, PACKED_TYPES[kernel])
+    assert model.heads.prepacked_dtype is None  # the heads' own layers are stock
+    torch.testing.assert_close(_heads_logits(model), expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "after")
+    before, after = (tmp_path / folder / "model.safetensors" for folder in ("before", "after"))
+    assert before.read_bytes() == after.read_bytes()
+
+    d = model.config.base_hidden_size
+    model.heads.train()
+    model.heads(1, torch.randn(2, d), torch.randn(2, 2, d)).square().sum().backward()
+    grads = [p.grad for p in model.heads.heads[1].parameters()]
+    assert grads and all(g is not None and g.any() for g in grads)
+    model.heads.eval()
+
+    other = _shared_projection_heads(tiny_model_factory, vocab_projection, DRAFT_IDS.flip(0), seed=9)
+    model.heads.load_state_dict(other.heads.state_dict())
+    torch.testing.assert_close(_heads_logits(model), _heads_logits(other), rtol=1e-5, atol=1e-5)
+
+
+def _shared_projection_heads(factory, vocab_projection: str, draft_ids: torch.Tensor, seed: int = 0):
+    base = factory("llama", seed=0, vocab_size=VOCAB)
+    draft = {"draft_token_ids": draft_ids} if "draft" in vocab_projection else {}
+    torch.manual_seed(seed)
+    model = HydraForCausalLM.from_base(
+        base, head_arch="hydra++", num_heads=3, vocab_projection=vocab_projection, **draft
+    )
+    return _trained_looking(model).eval()
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bfloat16)])
 @pytest.mark.parametrize("vocab_projection", ["per_head", "shared", "draft_vocab", "shared_draft_vocab"])
 @pytest.mark.parametrize("head_arch", HEAD_ARCHS)
