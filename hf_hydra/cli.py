@@ -187,7 +187,8 @@ def prepare_command(args: argparse.Namespace) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training.trainer import TrainingArguments, train
+    from .training.arguments import TrainingArguments
+    from .training.trainer import train
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     options = {name: value for name, value in vars(args).items() if name in names and value is not None}
@@ -333,8 +334,8 @@ def _held_out_accuracy(
     model: HydraForCausalLM, args: argparse.Namespace
 ) -> tuple[list[list[float]], HeadCalibration]:
     """The heads' rank accuracy and calibration on the held-out split of --features."""
+    from .training.batching import split_sequences
     from .training.features import FeatureStore
-    from .training.trainer import split_sequences
     from .tree_tuning import measure_heads
 
     store = FeatureStore(args.features)
@@ -429,7 +430,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     """One --option per TrainingArguments field, typed from its default."""
-    from .training.trainer import TrainingArguments
+    from .training.arguments import TrainingArguments
 
     for field in dataclasses.fields(TrainingArguments):
         flag = "--" + field.name.replace("_", "-")

@@ -353,7 +353,7 @@ def test_card_is_generated_from_the_json_beside_the_heads(tmp_path: Path) -> Non
 
 
 def test_reproduce_command_in_the_card_gives_the_same_training_arguments() -> None:
-    from hf_hydra.training.trainer import TrainingArguments
+    from hf_hydra.training.arguments import TrainingArguments
 
     args = TrainingArguments(
         features_dir="/secret/features", output_dir="/secret/heads", base_model="org/base", head_arch="hydra++",
@@ -370,7 +370,7 @@ def test_reproduce_command_in_the_card_gives_the_same_training_arguments() -> No
 
 
 def test_reproduce_command_of_a_two_process_run_launches_two_processes() -> None:
-    from hf_hydra.training.trainer import TrainingArguments
+    from hf_hydra.training.arguments import TrainingArguments
 
     args = TrainingArguments(
         features_dir="/secret/features", output_dir="/secret/heads", base_model="org/base", batch_size=8

@@ -26,7 +26,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_hydra import HydraForCausalLM
 from hf_hydra.configuration_hydra import DRAFT_VOCAB_PROJECTIONS
-from hf_hydra.training import trainer
+from hf_hydra.training import checkpoints, schedule, trainer
+from hf_hydra.training.arguments import TrainingArguments
+from hf_hydra.training.batching import collate, epoch_batches, micro_batch_stream, split_sequences
 from hf_hydra.training.features import (
     FeatureStore,
     TokenizedSequence,
@@ -42,16 +44,9 @@ from hf_hydra.training.losses import (
     teacher_loss,
     topk_hits,
 )
-from hf_hydra.training.trainer import (
-    HeadsObjective,
-    TrainingArguments,
-    collate,
-    epoch_batches,
-    lr_factor,
-    micro_batch_stream,
-    split_sequences,
-    train,
-)
+from hf_hydra.training.objective import HeadsObjective
+from hf_hydra.training.schedule import lr_factor
+from hf_hydra.training.trainer import train
 
 TEACHER_TOPK = 8
 DRAFT_VOCAB = 64
@@ -234,7 +229,7 @@ def test_training_step_moves_heads_only(head_arch, base_dir, features_dir, tmp_p
     model = trainer.build_model(args, base, store, range(len(store)))
     objective = HeadsObjective(model.heads, TINY_VOCAB, args).train()
     heads_before = {k: v.clone() for k, v in objective.state_dict().items()}
-    optimizer = trainer.make_optimizer(objective, args)
+    optimizer = schedule.make_optimizer(objective, args)
     assert {id(p) for g in optimizer.param_groups for p in g["params"]}.isdisjoint(id(p) for p in base.parameters())
     batch = collate([store.sequence(i) for i in range(4)])
     out = objective(batch, base.get_input_embeddings()(batch.input_ids), with_accuracy=True)
@@ -401,7 +396,7 @@ def test_two_process_accelerate_launch(mixed_precision, base_dir, features_dir, 
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((Path(args.output_dir) / "training_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 3
-    assert len(trainer.checkpoint_dirs(Path(args.output_dir))) == 2  # steps 2 and 3
+    assert len(checkpoints.checkpoint_dirs(Path(args.output_dir))) == 2  # steps 2 and 3
     train_lines = [
         r
         for r in map(json.loads, (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines())

@@ -290,8 +290,9 @@ def test_cli_prepare_records_its_command_and_training_carries_it_to_the_card(tmp
     from conftest import make_tiny_model
 
     from hf_hydra.cli import main
+    from hf_hydra.training.arguments import TrainingArguments
     from hf_hydra.training.features import FeatureStore
-    from hf_hydra.training.trainer import TrainingArguments, train
+    from hf_hydra.training.trainer import train
 
     base_dir, data, features, heads = tmp_path / "base", tmp_path / "d.jsonl", tmp_path / "f", tmp_path / "h"
     make_tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(base_dir)
