@@ -196,3 +196,37 @@ class PanelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PanelCopyLinear(nn.Linear):
+    """An `nn.Linear` (the same parameters: it saves, trains and moves as one) that computes few-row CPU float32
+    inference with a panel-packed copy of its weight, made on first use and again whenever the weight or bias
+    changes (a new tensor, or an in-place update such as an optimizer step). For the draft heads: they are
+    trained and saved, yet read once per decoding step, where torch's kernels are slowest. Costs a second copy
+    of the weight."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PanelCopyLinear:
+        """A layer sharing `linear`'s parameters (no copy until the first packed forward)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._packable(x):
+            return super().forward(x)
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
+        cached = self.__dict__.get("_panel_copy")
+        if cached is None or cached[0] != key:
+            cached = (key, PanelLinear(self.weight, self.bias))
+            self.__dict__["_panel_copy"] = cached  # a plain attribute: neither a submodule nor in the state dict
+        return cached[1](x)
+
+    def _packable(self, x: torch.Tensor) -> bool:
+        """Inference on CPU float32 with few rows (prefill and training take torch's kernels)."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return False
+        return (
+            x.dtype is torch.float32 and x.is_cpu and self.weight.dtype is torch.float32 and self.weight.is_cpu
+            and x.numel() <= MAX_PANEL_ROWS * self.in_features
+        )

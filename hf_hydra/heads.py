@@ -20,7 +20,7 @@ from transformers import DynamicCache, PreTrainedModel
 from .attention import PACKED_GQA_ATTENTION
 from .cache_name import cache_argument
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
-from .cpu_kernels import PanelLinear
+from .cpu_kernels import PanelCopyLinear, PanelLinear
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, packed_kernel, prepack_linear_layers
 from .tree import causal_mask
 
@@ -145,7 +145,7 @@ class DraftHeads(nn.Module):
             self.register_buffer("base_output_weight", base_output, persistent=False)  # (V, d), a view
             self.register_buffer("shared_output_weight", output_init, persistent=False)  # (V or K, d)
             self.register_load_state_dict_post_hook(_refresh_shared_draft_rows)
-        self.packed_shared_output: PrepackedLinear | PanelLinear | None = None  # `prepack`, `pack_shared_projection`
+        self.packed_shared_output: PrepackedLinear | PanelLinear | None = None  # `prepack`, `pack_for_drafting`
         self.heads = nn.ModuleList(
             DraftHead(
                 blocks=self._blocks(i, d),
@@ -176,7 +176,7 @@ class DraftHeads(nn.Module):
     @property
     def prepacked_dtype(self) -> torch.dtype | None:
         """The compute dtype of the heads' own prepacked layers (`prepack`); None while they are stock (a packed
-        copy of the shared projection alone, `pack_shared_projection`, leaves them stock)."""
+        copy of the shared projection, `pack_for_drafting`, leaves them stock)."""
         packed = [
             module.compute_dtype
             for name, module in self.named_modules()
@@ -184,15 +184,20 @@ class DraftHeads(nn.Module):
         ]
         return packed[0] if packed else None
 
-    def pack_shared_projection(self, kernel: str) -> bool:
-        """CPU inference: a float32 copy of the shared vocabulary projection (rows of the frozen base lm_head,
-        read once per head call: most of a drafting step's memory traffic) on the base's packed `kernel`
-        ("panel" or "onednn"). The heads' own layers, what they save and their training are untouched: training
-        reads the buffer itself. False where there is no shared projection or it is packed already."""
-        if self.config.vocab_projection not in SHARED_PROJECTIONS or self.packed_shared_output is not None:
-            return False
-        self.packed_shared_output = _packed_projection(self.shared_output_weight, kernel)
-        return True
+    def pack_for_drafting(self, kernel: str) -> None:
+        """CPU inference on the base's packed `kernel` ("panel" or "onednn"), leaving what the heads save and how
+        they train as it was: a float32 copy of the shared vocabulary projection (rows of the frozen base
+        lm_head, read once per head call: most of a drafting step's memory traffic), and with the panel kernels
+        every linear layer of the heads (the Hydra++ prefix layer's included) as a `PanelCopyLinear`, which
+        computes few-row inference on a packed copy of its weight and trains and saves as an `nn.Linear`."""
+        if self.config.vocab_projection in SHARED_PROJECTIONS and self.packed_shared_output is None:
+            self.packed_shared_output = _packed_projection(self.shared_output_weight, kernel)
+        if kernel != "panel":
+            return
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, PanelCopyLinear.from_linear(child))
 
     def prepack(
         self, compute_dtype: torch.dtype, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT

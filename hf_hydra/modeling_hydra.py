@@ -380,11 +380,10 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         `hf_hydra.prepack`; the faster of oneDNN's and the panel kernels on this machine by default), so
         that verifying a few tokens costs about a stock one-token forward. `from_pretrained` does this itself
         for a base it loads onto the CPU. Speculative and plain `generate` both use them; outputs agree with the
-        stock kernels' up to float rounding. The heads' shared vocabulary projection (rows of the base's frozen
-        lm_head) gets a packed float32 copy on the same kernel (`DraftHeads.pack_shared_projection`); the heads'
-        own layers are untouched and save and train as before. The base cannot train or move device after."""
+        stock kernels' up to float rounding. The heads draft on the same kernel (`DraftHeads.pack_for_drafting`)
+        and save and train as before. The base cannot train or move device after."""
         self.base_prepack = prepack_linear_layers(self.base_lm, batch_size_hint, kernel=kernel)
-        self.heads.pack_shared_projection(self.base_prepack.kernel)
+        self.heads.pack_for_drafting(self.base_prepack.kernel)
         self.fit_trees_to_machine()
         return self.base_prepack
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cpu_kernels import PanelLinear, kernel_library, refuse_moving
+from .cpu_kernels import PanelCopyLinear, PanelLinear, kernel_library, refuse_moving
 
 DEFAULT_BATCH_SIZE_HINT = 8  # the row count oneDNN tunes the blocked layout for (a small verification tree)
 
@@ -125,15 +125,16 @@ KERNELS = ("auto", "onednn", "panel")
 
 
 def check_prepackable(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """The (parent, name, linear) of every plain `nn.Linear` in `module`; a ValueError saying what to do when
-    they cannot be prepacked (no oneDNN in this torch build, a GPU, a dtype other than float32)."""
+    """The (parent, name, linear) of every plain `nn.Linear` (or `PanelCopyLinear`, an `nn.Linear` drafting on a
+    packed copy) in `module`; a ValueError saying what to do when they cannot be prepacked (no oneDNN in this
+    torch build, a GPU, a dtype other than float32)."""
     if not torch.backends.mkldnn.is_available():
         raise ValueError("Prepacking needs a torch build with oneDNN (mkldnn); this one has none. Leave prepack off.")
     linears = [
         (parent, name, child)
         for parent in module.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear
+        if type(child) in (nn.Linear, PanelCopyLinear)
     ]
     if not linears:
         raise ValueError(f"{type(module).__name__} has no nn.Linear layers to prepack (already prepacked?).")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hf_hydra import cpu_kernels
-from hf_hydra.cpu_kernels import PANEL, PanelLinear, kernel_library, pack_panels
+from hf_hydra.cpu_kernels import PANEL, PanelCopyLinear, PanelLinear, kernel_library, pack_panels
 from hf_hydra.prepack import choose_kernel, prepack_linear_layers
 
 pytestmark = pytest.mark.skipif(kernel_library().library is None, reason=f"no panel kernels: {kernel_library().reason}")
@@ -98,6 +98,30 @@ def test_avx512_and_avx2_kernels_agree_bit_for_bit(rows: int, out_features: int)
     assert torch.equal(avx512, _run_isa("avx2", layer, x))
     with torch.no_grad():
         assert torch.equal(avx512[:1], layer(x[:1]))  # a row's result does not depend on the rows beside it
+
+
+def test_a_panel_copy_linear_is_the_linear_and_follows_its_weight() -> None:
+    """Same parameters and state dict; inference on the packed copy, which follows in-place updates and new
+    tensors; training and prefill on torch's kernels."""
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    layer = PanelCopyLinear.from_linear(linear)
+    assert layer.weight is linear.weight and list(layer.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert "_panel_copy" in layer.__dict__
+        linear.weight.mul_(2)  # in place, like an optimizer step
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        layer.bias = nn.Parameter(torch.randn(24))
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        twin = copy.deepcopy(layer)
+        twin.weight.add_(1)
+        assert not torch.equal(twin(x), layer(x))
+        many = torch.randn(40, 40)  # more rows than the panel kernel takes: torch's kernel
+        torch.testing.assert_close(layer(many), nn.functional.linear(many, layer.weight, layer.bias))
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.bias.grad is not None
 
 
 def test_panels_are_the_weight_columns_padded_with_zeros() -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hf_hydra import HydraForCausalLM
-from hf_hydra.cpu_kernels import PanelLinear, kernel_library
+from hf_hydra.cpu_kernels import PanelCopyLinear, PanelLinear, kernel_library
 from hf_hydra.prepack import PrepackedLinear, PrepackReport, bfloat16_supported, prepack_linear_layers
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma")  # qwen2's q/k/v projections have biases
@@ -86,14 +86,18 @@ def test_bfloat16_prepacked_linear_computes_the_bfloat16_rounded_linear(shape: t
 def test_report_counts_every_linear_and_replaces_them_all(tiny_model_factory, kernel: str) -> None:
     model = _hydra(tiny_model_factory, "qwen2")
     linears = [m for m in model.base_lm.modules() if type(m) is nn.Linear]
-    head_linears = [m for m in model.heads.modules() if type(m) is nn.Linear]
+    head_parameters = dict(model.heads.named_parameters())
     report = model.prepack_base(kernel=kernel)
     parameters = sum(m.weight.numel() for m in linears)
     assert report == PrepackReport(layers=len(linears), parameters=parameters, kernel=kernel)
     assert model.base_prepack == report
     assert not any(type(m) is nn.Linear for m in model.base_lm.modules())
     assert sum(isinstance(m, PACKED_TYPES[kernel]) for m in model.base_lm.modules()) == len(linears)
-    assert [m for m in model.heads.modules() if type(m) is nn.Linear] == head_linears  # the heads are untouched
+    # the heads keep their parameters (the very tensors: they train and save as before), as nn.Linear layers
+    after = dict(model.heads.named_parameters())
+    assert after.keys() == head_parameters.keys()
+    assert all(after[name] is parameter for name, parameter in head_parameters.items())
+    assert all(type(m) is not PrepackedLinear for m in model.heads.heads.modules())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -143,15 +147,17 @@ def _heads_logits(model: HydraForCausalLM) -> torch.Tensor:
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("vocab_projection", ["shared", "shared_draft_vocab"])
-def test_packing_the_base_packs_a_copy_of_the_shared_projection(tiny_model_factory, tmp_path, kernel, vocab_projection):
-    """The heads draft through the packed copy, save the same bytes, train through the buffer itself, and a
-    state dict loaded later (other draft rows) reaches the copy."""
+def test_packing_the_base_packs_the_heads_for_drafting(tiny_model_factory, tmp_path, kernel, vocab_projection):
+    """The heads draft through packed copies, save the same bytes, train on the parameters and the buffer
+    themselves, and a state dict loaded later (other weights, other draft rows) reaches the copies."""
     model = _shared_projection_heads(tiny_model_factory, vocab_projection, DRAFT_IDS)
     expected = _heads_logits(model)
     model.save_pretrained(tmp_path / "before")
     model.prepack_base(kernel=kernel)
     assert isinstance(model.heads.packed_shared_output, PACKED_TYPES[kernel])
-    assert model.heads.prepacked_dtype is None  # the heads' own layers are stock
+    assert model.heads.prepacked_dtype is None  # the heads' own layers are not prepacked
+    copies = [m for m in model.heads.modules() if isinstance(m, PanelCopyLinear)]
+    assert (len(copies) > 0) == (kernel == "panel")  # on the panel kernels the heads draft on packed copies
     torch.testing.assert_close(_heads_logits(model), expected, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "after")
     before, after = (tmp_path / folder / "model.safetensors" for folder in ("before", "after"))
