@@ -45,6 +45,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ._compat import drop_gguf_model_name
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -186,9 +188,7 @@ def _plain_model(gguf_model: PreTrainedModel) -> PreTrainedModel:
     """
     config = copy.deepcopy(gguf_model.config)
     del config.quantization_config
-    # GGUF's general.name lands in a stray "_model_name_or_path" ("Smollm2 135M 8k Lc100K Mix1 Ep2").
-    if hasattr(config, "_model_name_or_path"):
-        del config._model_name_or_path
+    drop_gguf_model_name(config)  # GGUF's general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2")
     # GGUF stores eps as float32 (9.9999997e-06); the Hub config says 1e-05. Same float32 value.
     config.rms_norm_eps = 1e-5
     model = type(gguf_model)(config).to(torch.float32)

@@ -1,21 +1,22 @@
 """The heads as a chain drafter inside transformers' own assisted-decoding loop.
 
 transformers has no public registry of candidate generators: `HydraForCausalLM._get_candidate_generator`
-(private API) returns `HydraCandidateGenerator`, and `assisted_decoding` runs the private
-`GenerationMixin._assisted_decoding` loop. Every use of those private names lives here and there.
+(an override of a private hook) returns `HydraCandidateGenerator`, and `assisted_decoding` runs the private
+`GenerationMixin._assisted_decoding` loop through `hf_hydra._compat.run_assisted_decoding`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.generation import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
 from . import support
+from ._compat import run_assisted_decoding
 from .cache_name import CACHE_NAME
 from .drafting import draft_tree, sample_chain
 from .heads import DraftHeads
@@ -153,7 +154,7 @@ def assisted_decoding(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     stop = StopInsideChunk(stopping_criteria, input_ids.shape[1], streamer)
-    output = GenerationMixin._assisted_decoding(
+    output = run_assisted_decoding(
         model, input_ids, logits_processor, StoppingCriteriaList([stop]), generation_config, **model_kwargs
     )
     if streamer is not None:

@@ -22,6 +22,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from ._compat import attn_implementation
+
 PACKED_GQA_ATTENTION = "sdpa_packed_gqa"
 _SDPA = "sdpa"
 # keyword arguments that leave sdpa's attention plain (a sliding window is already in the mask under sdpa); any
@@ -79,7 +81,7 @@ def _packable(
 def use_packed_gqa_attention(model: PreTrainedModel) -> bool:
     """Switch a model that runs transformers' `sdpa` attention to `PACKED_GQA_ATTENTION` (in place); True when
     it did. Models on another attention implementation (eager, flash, flex, custom) are left as they are."""
-    if model.config._attn_implementation != _SDPA:
+    if attn_implementation(model.config) != _SDPA:
         return False
     model.set_attn_implementation(PACKED_GQA_ATTENTION)
     return True

@@ -33,6 +33,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from ._compat import tensor_version
 from .assets import cache_root
 
 PANEL = 16  # output columns per panel; must match csrc/packed_linear.c
@@ -215,7 +216,7 @@ class PanelCopyLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._packable(x):
             return super().forward(x)
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias) if t is not None)
+        key = tuple((t.data_ptr(), tensor_version(t)) for t in (self.weight, self.bias) if t is not None)
         cached = self.__dict__.get("_panel_copy")
         if cached is None or cached[0] != key:
             cached = (key, PanelLinear(self.weight, self.bias))

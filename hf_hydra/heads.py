@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from ._compat import attn_implementation
 from .attention import PACKED_GQA_ATTENTION
 from .cache_name import cache_argument
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
@@ -94,7 +95,7 @@ class PrefixLayer(nn.Module):
         cached) sdpa runs causally without a mask (no n x n mask in memory); later chunks are a few tokens."""
         past = cache.get_seq_length() if cache is not None else 0
         mask = None
-        if past > 0 or self.layer.self_attn.config._attn_implementation not in CAUSAL_WITHOUT_MASK:
+        if past > 0 or attn_implementation(self.layer.self_attn.config) not in CAUSAL_WITHOUT_MASK:
             mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)  # (1, 1, n, past + n)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         out = self.layer(

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, cached_file
 
 from . import assets, hub, model_card, reference_checkpoints
+from ._compat import cached_file_or_none, keep_hydra_generation_fields
 from .assisted import HydraCandidateGenerator, assisted_decoding
 from .attention import use_packed_gqa_attention
 from .cache_name import CACHE_NAME, cache_argument, output_cache
@@ -509,7 +510,7 @@ def speculative_generation_config(base_config: GenerationConfig, config: HydraCo
     generation_config.hydra_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
     generation_config.hydra_acceptance = config.acceptance
     generation_config.hydra_sources = DEFAULT_SOURCES
-    generation_config._from_model_config = False  # else GenerationConfig drops hydra_* when loading it
+    keep_hydra_generation_fields(generation_config)  # else GenerationConfig drops hydra_* when loading it
     return generation_config
 
 
@@ -565,7 +566,7 @@ def heads_fingerprint(heads: torch.nn.Module) -> str:
 def _load_tree_tuning(source: str, hub_kwargs: dict) -> dict | None:
     """The heads' tree_tuning.json (None without one)."""
     try:
-        path = cached_file(source, hub.TREE_TUNING_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        path = cached_file_or_none(source, hub.TREE_TUNING_NAME, **hub_kwargs)
     except OSError as error:  # Hub mirrors (olah) answer 401, not 404, for a file the repo lacks
         logger.info("No %s served for %s (%s): the default tree is the heads' static tree.", hub.TREE_TUNING_NAME,
                     source, error)
@@ -640,7 +641,7 @@ def _load_heads_weights(model: HydraForCausalLM, weights: dict[str, torch.Tensor
 def _load_generation_config(
     source: str, hub_kwargs: dict, base_model: PreTrainedModel, config: HydraConfig
 ) -> GenerationConfig:
-    path = cached_file(source, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    path = cached_file_or_none(source, "generation_config.json", **hub_kwargs)
     if path is None:
         return speculative_generation_config(base_model.generation_config, config)
     generation_config = GenerationConfig.from_pretrained(Path(path).parent)
@@ -649,5 +650,5 @@ def _load_generation_config(
     generation_config.hydra_tree = raw.get("hydra_tree") or default_tree
     generation_config.hydra_acceptance = raw.get("hydra_acceptance", config.acceptance)
     generation_config.hydra_sources = raw.get("hydra_sources", DEFAULT_SOURCES)
-    generation_config._from_model_config = False
+    keep_hydra_generation_fields(generation_config)
     return generation_config

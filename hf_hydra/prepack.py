@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._compat import mkldnn_bf16_supported, mkldnn_linear, mkldnn_reorder_linear_weight
 from .cpu_kernels import PanelCopyLinear, PanelLinear, kernel_library, refuse_moving
 
 DEFAULT_BATCH_SIZE_HINT = 8  # the row count oneDNN tunes the blocked layout for (a small verification tree)
@@ -52,7 +53,7 @@ class PrepackedLinear(nn.Module):
         _check_compute_dtype(compute_dtype)
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(compute_dtype), batch_size_hint)
+        packed = mkldnn_reorder_linear_weight(weight.detach().to(compute_dtype), batch_size_hint)
         self.register_buffer("packed_weight", packed, persistent=False)  # opaque (out, in) oneDNN tensor
         bias = None if bias is None else bias.detach().to(compute_dtype)  # (out,) shares float32 storage
         self.register_buffer("bias", bias, persistent=False)
@@ -71,7 +72,7 @@ class PrepackedLinear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("PrepackedLinear is for inference only: run it under torch.no_grad().")
         x_compute = x.to(self.compute_dtype)
-        out = torch.ops.mkldnn._linear_pointwise(x_compute, self.packed_weight, self.bias, "none", [], "")
+        out = mkldnn_linear(x_compute, self.packed_weight, self.bias)
         return out.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True) -> PrepackedLinear:
@@ -96,7 +97,7 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
 def bfloat16_supported() -> bool:
     """Whether oneDNN computes bfloat16 on this CPU (AVX-512 or newer)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return mkldnn_bf16_supported()
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:

@@ -14,8 +14,6 @@ unknown) are refused with a ValueError rather than risk a silently wrong distrib
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from transformers.generation import (
     EpsilonLogitsWarper,
@@ -45,6 +43,7 @@ from transformers.generation import (
 )
 
 from . import support
+from ._compat import prompt_ignore_lengths, with_prompt_ignore_lengths
 from .tree import TreeBuffers
 
 ROW_WISE_PROCESSORS: frozenset[type] = frozenset(
@@ -136,11 +135,9 @@ def _for_rows(logits_processor: LogitsProcessorList, rows: int) -> LogitsProcess
 
 
 def _expanded_repetition_penalty(processor: LogitsProcessor, rows: int) -> LogitsProcessor:
-    ignore = getattr(processor, "prompt_ignore_length", None)
-    if type(processor) is not RepetitionPenaltyLogitsProcessor or not isinstance(ignore, torch.Tensor):
+    ignore = prompt_ignore_lengths(processor)
+    if type(processor) is not RepetitionPenaltyLogitsProcessor or ignore is None:
         return processor
     if ignore.shape[0] != 1:
         raise ValueError("speculative=True supports batch size 1 only.")
-    expanded = copy.copy(processor)
-    expanded.prompt_ignore_length = ignore.expand(rows)
-    return expanded
+    return with_prompt_ignore_lengths(processor, ignore.expand(rows))

@@ -60,6 +60,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 from transformers.utils import cached_file
 
+from ._compat import cached_file_or_none
 from .configuration_hydra import HydraConfig
 from .hub import CONFIG_NAME, base_tokenizer_fingerprint, resolve_base_revision
 
@@ -203,7 +204,7 @@ def _read_hydra(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoint
 def _read_medusa(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoint:
     weights_file = None
     for name in MEDUSA_WEIGHTS:  # safetensors first: no pickle at all
-        weights_file = cached_file(source, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        weights_file = cached_file_or_none(source, name, **hub_kwargs)
         if weights_file is not None:
             break
     if weights_file is None:

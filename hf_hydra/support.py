@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from transformers import DynamicCache, GenerationConfig, PretrainedConfig
 from transformers.generation.configuration_utils import GenerationMode
 
+from ._compat import attn_implementation
 from .attention import PACKED_GQA_ATTENTION
 
 TREE = "speculative=True"
@@ -180,7 +181,7 @@ def check_cache(cache: object, path: str) -> None:
 
 def check_tree_base(config: PretrainedConfig) -> None:
     """Refuse bases whose attention or positions a tree forward cannot reproduce."""
-    implementation = config._attn_implementation
+    implementation = attn_implementation(config)
     if implementation not in TREE_ATTENTION_IMPLEMENTATIONS:
         raise refuse("attention", TREE, f"attn_implementation={implementation!r}")
     if uses_alibi(config):
