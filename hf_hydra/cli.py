@@ -192,7 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     options = {name: value for name, value in vars(args).items() if name in names and value is not None}
-    options.setdefault("base_model", assets.DEFAULT_BASE_MODEL_ID)
+    options.setdefault("base_model", assets.PROVISIONED_BASE_ID)
     report = train(TrainingArguments(**options))
     print(f"trained {report.steps} steps, {report.tokens_per_second:.0f} tokens/s; heads in {args.output_dir}")
     return 0
@@ -418,7 +418,9 @@ def run_convert(args: argparse.Namespace) -> int:
     model = HydraForCausalLM.from_pretrained(args.source, base_model=base)
     if model.config.base_tokenizer_fingerprint is None:  # not in the cache yet: an artifact should record it
         try:
-            tokenizer = AutoTokenizer.from_pretrained(args.base or model.config.base_model_name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(
+                args.base or assets.local_model_source(model.config.base_model_name_or_path)
+            )
             model.config.base_tokenizer_fingerprint = hub.tokenizer_fingerprint(tokenizer)
         except (OSError, ValueError) as error:
             logging.getLogger(__name__).warning("No tokenizer for the base (%s): fingerprint not recorded.", error)

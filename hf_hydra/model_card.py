@@ -26,6 +26,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCardData
 from safetensors import safe_open
 
+from .assets import describe_base, hub_model_family
 from .bench_table import markdown_table
 from .hub import (
     BENCHMARK_NAME,
@@ -58,7 +59,7 @@ def render_model_card(
     config = json.loads((folder / CONFIG_NAME).read_text())
     generation = _read_json(folder / GENERATION_CONFIG_NAME) or {}
     report = _read_json(Path(benchmark)) if benchmark is not None else _read_json(folder / BENCHMARK_NAME)
-    base_id = _hub_model_id(config.get("base_model_name_or_path"))
+    base_id = _hub_model_id(hub_model_family(config.get("base_model_name_or_path")))
     arch = config.get("head_arch", "hydra")
     metadata = ModelCardData(
         base_model=base_id,
@@ -67,13 +68,13 @@ def render_model_card(
         tags=list(dict.fromkeys(["speculative-decoding", "hf_hydra", _ARCH_TAGS.get(arch, arch), *(tags or [])])),
     )
     repo = repo_id or folder.resolve().name
-    base_text = f"`{config.get('base_model_name_or_path')}`" if config.get("base_model_name_or_path") else "its base"
+    base = config.get("base_model_name_or_path")
+    base_text = describe_base(base) if base else "its base"
     values = {
         "metadata": metadata.to_yaml(),
         "title": repo.split("/")[-1],
         "summary": f"{config.get('num_heads')} {_ARCH_NAMES.get(arch, arch)} draft heads for {base_text}.",
         "repo_id": repo,
-        "base_model_text": base_text,
         "heads_table": _heads_table(config, generation, folder / WEIGHTS_NAME),
         "training": _training_section(config, folder),
         "benchmark": _benchmark_section(report, arch),
@@ -124,7 +125,7 @@ def _heads_table(config: dict, generation: dict, weights: Path) -> str:
         ("heads", f"{config['num_heads']} (head i drafts the token i + 2 positions ahead)"),
         ("residual blocks per head", str(config["num_layers"])),
         ("vocabulary projection", _projection_text(config)),
-        ("base model", f"`{config.get('base_model_name_or_path')}`"),
+        ("base model", describe_base(base) if (base := config.get("base_model_name_or_path")) else "not recorded"),
         ("base revision", _code_or(config.get("base_model_revision"), "not recorded")),
         ("base tokenizer fingerprint", _code_or(config.get("base_tokenizer_fingerprint"), "not recorded")),
         ("hidden size / vocabulary", f"{config.get('base_hidden_size')} / {config.get('base_vocab_size')}"),

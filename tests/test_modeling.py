@@ -148,6 +148,26 @@ def test_auto_model_loads_base_from_config_and_heads(tiny_model_factory, tmp_pat
     _assert_same_heads(model, explicit)
 
 
+def test_heads_naming_a_hub_id_load_that_id_and_no_provisioned_copy(
+    tiny_model_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provisioned SmolLM2 folder holds dequantized GGUF weights: heads that name the Hub id get the Hub's
+    model (here: the loader is asked for exactly that id), never the provisioned folder in its place."""
+    base = _base(tiny_model_factory, "llama")
+    model = _hydra(base, "hydra")
+    model.config.base_model_name_or_path = hf_hydra.assets.DEFAULT_BASE_MODEL_ID
+    model.save_pretrained(tmp_path / "heads")
+    asked = []
+
+    def from_pretrained(source, **kwargs):
+        asked.append(source)
+        return base
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    HydraForCausalLM.from_pretrained(tmp_path / "heads", prepack=False)
+    assert asked == [hf_hydra.assets.DEFAULT_BASE_MODEL_ID]
+
+
 def test_auto_model_passes_dtype_to_the_base_and_heads_follow(tiny_model_factory, tmp_path: Path) -> None:
     _base(tiny_model_factory).save_pretrained(tmp_path / "base")
     model = _hydra(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), "hydra++")
