@@ -9,18 +9,24 @@
 Every rule reads the base model's view of each node after generate's logits processors (temperature,
 top-k, top-p, min-p, repetition penalty, ...) were applied to it with that node's own prefix
 (`hf_hydra.processors.node_scores`): `scores` for greedy, `probs = softmax(scores)` for sampling.
+
+`ACCEPTANCE_RULES` (at the end) is the one table of rules by name: the config and generate's `acceptance=`
+are validated against its names, decoding applies a rule by looking it up, and the assisted loop asks it
+whether a rule is exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .tree import TreeBuffers
 
-ACCEPTANCE_RULES = ("lossless", "typical")  # the rules for do_sample=True; greedy decoding is always exact
-LEGACY_ACCEPTANCE = {"greedy": "lossless"}  # the only value saved before sampling existed
+GREEDY, LOSSLESS, TYPICAL = "greedy", "lossless", "typical"  # the names of the rules in ACCEPTANCE_RULES
+DEFAULT_SAMPLING_RULE = LOSSLESS  # of a call with do_sample=True that names no rule
+LEGACY_ACCEPTANCE = {GREEDY: LOSSLESS}  # the only value saved before sampling existed
 DEFAULT_POSTERIOR_THRESHOLD = 0.09  # eps of typical acceptance (Medusa / Hydra defaults)
 DEFAULT_POSTERIOR_ALPHA = 0.3  # delta of typical acceptance
 
@@ -35,11 +41,39 @@ class Acceptance:
 
 @dataclass(frozen=True)
 class AcceptanceRule:
-    """How one generate call accepts drafts: "greedy" (do_sample=False), "lossless" or "typical"."""
+    """How one generate call accepts drafts: a rule of `ACCEPTANCE_RULES` by name ("greedy" for
+    do_sample=False, "lossless" or "typical") and its options."""
 
     name: str
     posterior_threshold: float = DEFAULT_POSTERIOR_THRESHOLD  # eps, typical only
     posterior_alpha: float = DEFAULT_POSTERIOR_ALPHA  # delta, typical only
+
+    @property
+    def samples(self) -> bool:
+        """Whether the rule draws tokens (do_sample=True) rather than taking the argmax."""
+        return ACCEPTANCE_RULES[self.name].samples
+
+    def first_token(self, scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The token after the prompt from its processed scores (V,): argmax, or a sample as plain sampling
+        draws."""
+        return sample_token(scores.softmax(dim=-1), generator) if self.samples else scores.argmax()
+
+    def accept(
+        self, tokens: torch.Tensor, scores: torch.Tensor, tree: TreeBuffers, generator: torch.Generator | None
+    ) -> Acceptance:
+        """The rule applied to a verified tree: tokens (T,), scores (T, V) the base's processed scores at each
+        node (a sampling rule reads probs = softmax(scores), float32 as plain sampling computes them)."""
+        spec = ACCEPTANCE_RULES[self.name]
+        return spec.accept(tokens, scores.softmax(dim=-1) if spec.samples else scores, tree, self, generator)
+
+
+def sampling_rule_name(acceptance: str | None) -> str:
+    """The sampling rule `acceptance` names (None: the default, "lossless"; a legacy value: its rule); a
+    ValueError for a name that is no sampling rule."""
+    name = DEFAULT_SAMPLING_RULE if acceptance is None else LEGACY_ACCEPTANCE.get(acceptance, acceptance)
+    if name not in SAMPLING_RULES:
+        raise ValueError(f"acceptance={name!r} is not one of {SAMPLING_RULES}.")
+    return name
 
 
 def acceptance_rule(
@@ -49,20 +83,18 @@ def acceptance_rule(
     posterior_alpha: float | None = None,
 ) -> AcceptanceRule:
     """The rule of a call. Greedy decoding is always exact (typical acceptance at temperature 0 is greedy
-    too); with sampling, `acceptance` picks "lossless" (None means lossless) or "typical"."""
-    acceptance = "lossless" if acceptance is None else LEGACY_ACCEPTANCE.get(acceptance, acceptance)
-    if acceptance not in ACCEPTANCE_RULES:
-        raise ValueError(f"acceptance={acceptance!r} is not one of {ACCEPTANCE_RULES}.")
+    too); with sampling, `acceptance` picks a sampling rule (None means lossless)."""
+    acceptance = sampling_rule_name(acceptance)
     eps = DEFAULT_POSTERIOR_THRESHOLD if posterior_threshold is None else float(posterior_threshold)
     delta = DEFAULT_POSTERIOR_ALPHA if posterior_alpha is None else float(posterior_alpha)
-    if acceptance != "typical" and (posterior_threshold is not None or posterior_alpha is not None):
+    if not ACCEPTANCE_RULES[acceptance].posterior and (posterior_threshold is not None or posterior_alpha is not None):
         raise ValueError("posterior_threshold / posterior_alpha belong to acceptance='typical'; pass that too.")
     if not 0.0 <= eps <= 1.0 or not delta >= 0.0:
         raise ValueError(
             f"typical acceptance needs 0 <= posterior_threshold <= 1 and posterior_alpha >= 0; got {eps}, {delta}."
         )
     if not do_sample:
-        return AcceptanceRule("greedy")
+        return AcceptanceRule(GREEDY)
     return AcceptanceRule(acceptance, eps, delta)
 
 
@@ -235,3 +267,37 @@ def typical_accept(
     best = int(torch.where(longest, log_likelihood, -torch.inf).argmax())
     nodes = tree.leaf_paths[best, : int(accepted[best]) + 1]
     return Acceptance(nodes=nodes, bonus_token=sample_token(probs[nodes[-1]], generator))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The rules by name
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One acceptance rule: how it keeps a path of a verified tree, and what it reads and guarantees."""
+
+    # (tokens (T,), scores (T, V) or probs (T, V), tree, the call's rule and its options, generator) -> Acceptance
+    accept: Callable[[torch.Tensor, torch.Tensor, TreeBuffers, AcceptanceRule, torch.Generator | None], Acceptance]
+    samples: bool  # a rule for do_sample=True: reads probs = softmax(scores) and draws; else reads the scores
+    exact: bool  # output distributed as plain `generate`'s (greedy: the same tokens); typical acceptance is not
+    posterior: bool  # takes posterior_threshold (eps) and posterior_alpha (delta)
+
+
+ACCEPTANCE_RULES: dict[str, RuleSpec] = {
+    GREEDY: RuleSpec(
+        lambda tokens, scores, tree, rule, generator: greedy_accept(tokens, scores, tree),
+        samples=False, exact=True, posterior=False,
+    ),
+    LOSSLESS: RuleSpec(
+        lambda tokens, probs, tree, rule, generator: lossless_accept(tokens, probs, tree, generator),
+        samples=True, exact=True, posterior=False,
+    ),
+    TYPICAL: RuleSpec(
+        lambda tokens, probs, tree, rule, generator: typical_accept(
+            tokens, probs, tree, rule.posterior_threshold, rule.posterior_alpha, generator
+        ),
+        samples=True, exact=False, posterior=True,
+    ),
+}  # fmt: skip
+SAMPLING_RULES = tuple(name for name, spec in ACCEPTANCE_RULES.items() if spec.samples)  # generate's `acceptance=`

@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from ._compat import drop_gguf_model_name
+from .head_archs import HEAD_ARCH_REGISTRY, HYDRA_PLUS_PLUS
 
 logger = logging.getLogger(__name__)
 
@@ -322,14 +323,11 @@ def hub_model_family(model_id: str | None) -> str | None:
 
 
 _PRETRAINED_HEADS_DIR = Path(__file__).resolve().parent / "pretrained"
-_PRETRAINED_HEADS = {
-    "medusa": "smollm2-135m-instruct-medusa",
-    "hydra": "smollm2-135m-instruct-hydra",
-    "hydra++": "smollm2-135m-instruct-hydra-plus-plus",
-}
+# the architectures with heads shipped in _PRETRAINED_HEADS_DIR (`HeadArch.pretrained_folder`)
+PRETRAINED_HEAD_ARCHS = tuple(name for name, arch in HEAD_ARCH_REGISTRY.items() if arch.pretrained_folder)
 
 
-def pretrained_heads_path(arch: str = "hydra++") -> Path:
+def pretrained_heads_path(arch: str = HYDRA_PLUS_PLUS.name) -> Path:
     """Folder of the `arch` heads trained for the default base model that ship inside the package
     (`HydraForCausalLM.from_pretrained(path)` loads them with the provisioned base, offline).
 
@@ -337,9 +335,9 @@ def pretrained_heads_path(arch: str = "hydra++") -> Path:
         ValueError: for an arch without shipped heads.
         FileNotFoundError: if this installation lacks the weights (a broken or partial install).
     """
-    if arch not in _PRETRAINED_HEADS:
-        raise ValueError(f"No shipped heads for {arch!r}; choose one of {sorted(_PRETRAINED_HEADS)}.")
-    path = _PRETRAINED_HEADS_DIR / _PRETRAINED_HEADS[arch]
+    if arch not in PRETRAINED_HEAD_ARCHS:
+        raise ValueError(f"No shipped heads for {arch!r}; choose one of {sorted(PRETRAINED_HEAD_ARCHS)}.")
+    path = _PRETRAINED_HEADS_DIR / HEAD_ARCH_REGISTRY[arch].pretrained_folder
     if not _is_model_folder(path):
         raise FileNotFoundError(
             f"The shipped {arch} heads are missing from this installation ({path}); reinstall hf_hydra."

@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__
+from .acceptance import TYPICAL
 from .bench_table import AUTOREGRESSIVE, markdown_table
 from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
+from .head_archs import HEAD_ARCHS, HYDRA
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name, packed_kernel
 from .roofline import describe_cpu
-from .tree import DYNAMIC_TREE, TreeSpec, resolve_tree
+from .tree import DYNAMIC_TREE, TreeSpec, resolve_tree, static_default
 
 SCHEMA_VERSION = 1
 AUTOREGRESSIVE_PREPACKED = "autoregressive_prepacked"  # plain `generate` on the prepacked base (with --prepack)
@@ -44,10 +46,10 @@ CONTEXT = "context"  # the tree loop with context candidates only (no heads): `c
 ASSISTED = "hydra_assisted"  # the chain candidate generator in transformers' assisted loop
 # Tree decoding with a set of heads, named by a label: the head architectures by default, any label
 # (e.g. "hydra-lm" for an ablation) when several heads sets are compared.
-TREE_METHODS = ("medusa", "hydra", "hydra++")
+TREE_METHODS = HEAD_ARCHS
 ALL_METHODS = (AUTOREGRESSIVE, PROMPT_LOOKUP, CONTEXT, ASSISTED, *TREE_METHODS)
 PROMPT_LOOKUP_TOKENS = 10
-TYPICAL_SUFFIX = "-typical"  # "<label>-typical": tree decoding with those heads and typical acceptance
+TYPICAL_SUFFIX = f"-{TYPICAL}"  # "<label>-typical": tree decoding with those heads and typical acceptance
 # "<label>": the heads' default (a dynamic tree where the heads carry its policy) merged with context
 # candidates; "<label>-static": the heads' static tree merged with context candidates; "<label>-heads": the
 # heads' static tree alone (Hydra as published).
@@ -186,7 +188,7 @@ def method_runners(
         elif method == CONTEXT:
             runners[method] = _tree_runner(fast_base, {**options, "custom_generate": context_speculative_generate})
         elif method == ASSISTED:
-            assisted_model = heads.get("hydra") or next(iter(heads.values()))
+            assisted_model = heads.get(HYDRA.name) or next(iter(heads.values()))
             runners[method] = lambda ids, n, m=assisted_model: (
                 m.generate(ids, max_new_tokens=n, speculative="assisted", **options),
                 None,
@@ -204,7 +206,7 @@ def method_runners(
                 static["sources"] = "heads"
             runners[method] = _tree_runner(model, static)
         else:
-            typical = {**options, "speculative": True, "acceptance": "typical"}
+            typical = {**options, "speculative": True, "acceptance": TYPICAL}
             runners[method] = _tree_runner(heads[_heads_label(method, temperature)], typical)
     return runners
 
@@ -214,15 +216,12 @@ def use_tree(heads: dict[str, HydraForCausalLM], tree: TreeSpec) -> None:
     heads on one tree, or tuned trees with Medusa's reference `mc_sim_7b_63`; a ValueError when it is too
     deep for a set."""
     for model in heads.values():
-        model.generation_config.hydra_tree = model.config.tree = [
-            list(p) for p in resolve_tree(tree, model.config.num_heads)
-        ]
+        model.set_tree(tree)
 
 
 def static_tree(model: HydraForCausalLM) -> list[list[int]]:
     """The heads' static tree: their default unless that is dynamic, else the tree of their config."""
-    default = model.generation_config.hydra_tree
-    tree = model.config.tree if default == DYNAMIC_TREE else default
+    tree = static_default(model.generation_config.hydra_tree, model.config.tree)
     return [list(p) for p in resolve_tree(tree, model.config.num_heads)]
 
 

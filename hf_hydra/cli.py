@@ -16,11 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from . import assets
-from .configuration_hydra import HEAD_ARCHS
 from .dynamic_tree import HeadCalibration
+from .head_archs import HEAD_ARCHS, HYDRA_PLUS_PLUS
 from .modeling_hydra import HydraForCausalLM
 from .prepack import KERNELS, dtype_name, packable_on_cpu, prepack_linear_layers
-from .tree import DYNAMIC_TREE
 
 
 @dataclass(frozen=True)
@@ -209,7 +208,7 @@ def run_bench(args: argparse.Namespace) -> int:
     fast_base = copy.deepcopy(base) if packed else None
     paths = dict(_label_and_path(spec, "--heads") for spec in args.heads)
     if not paths and args.base is None:  # the default model: the shipped heads of every arch
-        paths = {arch: str(assets.pretrained_heads_path(arch)) for arch in HEAD_ARCHS}
+        paths = {arch: str(assets.pretrained_heads_path(arch)) for arch in assets.PRETRAINED_HEAD_ARCHS}
     # every heads set on the same base object: one base in memory (two with --prepack)
     heads_base = fast_base if fast_base is not None else base
     heads = {label: HydraForCausalLM.from_pretrained(p, base_model=heads_base).to(device) for label, p in paths.items()}
@@ -302,8 +301,7 @@ def run_tune_tree(args: argparse.Namespace) -> int:
         accuracy, accuracy_command = stored.rank_accuracy, stored.command
     report = tune_tree(model, accuracy, max_tokens=args.max_tokens)
     paths = [list(p) for p in report.choice.paths]
-    model.config.tree = paths  # the static tree; by default, the dynamic tree on the measured curve
-    model.generation_config.hydra_tree = DYNAMIC_TREE
+    model.set_tree(paths, dynamic_default=True)  # the static tree; by default, the dynamic tree on the measured curve
     command = _tune_tree_command(args)
     record = {
         "command": command,
@@ -453,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="answer one prompt with speculative decoding, streaming the text")
     gen.add_argument("prompt", help="the user message (the model's chat template is applied)")
     gen.add_argument("--heads", help="folder or Hub repo of saved heads (default: the shipped heads of --arch)")
-    gen.add_argument("--arch", choices=HEAD_ARCHS, default="hydra++", help="shipped (or fresh) heads to use")
+    gen.add_argument("--arch", choices=HEAD_ARCHS, default=HYDRA_PLUS_PLUS.name, help="shipped (or fresh) heads to use")
     gen.add_argument("--random-heads", action="store_true", help="fresh untrained heads instead of shipped ones")
     gen.add_argument("--num-heads", type=int, default=4, help="number of fresh heads (with --random-heads)")
     gen.add_argument("--max-new-tokens", type=int, default=256)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .acceptance import ACCEPTANCE_RULES, LEGACY_ACCEPTANCE
+from .acceptance import DEFAULT_SAMPLING_RULE, LEGACY_ACCEPTANCE, SAMPLING_RULES
+from .head_archs import DEFAULT_HEAD_ARCH, HEAD_ARCHS
 from .tree import DEFAULT_TREE_NAME, NAMED_TREES, resolve_tree
 
-HEAD_ARCHS = ("medusa", "hydra", "hydra++")
 VOCAB_PROJECTIONS = ("per_head", "shared", "draft_vocab", "shared_draft_vocab")
 # Projections onto a reduced draft vocabulary of K token ids (`draft_token_ids`).
 DRAFT_VOCAB_PROJECTIONS = ("draft_vocab", "shared_draft_vocab")
@@ -32,7 +32,7 @@ class HydraConfig(PretrainedConfig):
         base_tokenizer_fingerprint: str | None = None,  # hub.tokenizer_fingerprint of the base's tokenizer
         base_hidden_size: int | None = None,  # d of the base (the heads' width)
         base_vocab_size: int | None = None,  # V of the base
-        head_arch: str = "hydra",  # "medusa" | "hydra" | "hydra++"
+        head_arch: str = DEFAULT_HEAD_ARCH,  # one of `hf_hydra.head_archs.HEAD_ARCHS`
         num_heads: int = 4,  # head i drafts the token i+2 positions after the last verified one
         num_layers: int = 1,  # residual blocks per head
         dropout: float = 0.0,  # Hydra++ only: dropout before each block and the output layer
@@ -41,7 +41,7 @@ class HydraConfig(PretrainedConfig):
         vocab_projection: str = "per_head",
         draft_vocab_size: int | None = None,  # K, the size of the reduced draft vocabulary (draft projections)
         tree: str | list[list[int]] | None = None,  # default draft tree: a name or a list of rank paths
-        acceptance: str = "lossless",  # default rule for do_sample=True: "lossless" | "typical" (greedy is exact)
+        acceptance: str = DEFAULT_SAMPLING_RULE,  # default rule for do_sample=True, one of SAMPLING_RULES
         **kwargs,
     ) -> None:
         self.base_model_name_or_path = base_model_name_or_path
@@ -92,6 +92,6 @@ class HydraConfig(PretrainedConfig):
                     f"draft_vocab_size={self.draft_vocab_size} exceeds the base vocabulary "
                     f"({self.base_vocab_size}); use vocab_projection='per_head' instead."
                 )
-        if self.acceptance not in ACCEPTANCE_RULES:
-            raise ValueError(f"acceptance={self.acceptance!r} is not one of {ACCEPTANCE_RULES}.")
+        if self.acceptance not in SAMPLING_RULES:
+            raise ValueError(f"acceptance={self.acceptance!r} is not one of {SAMPLING_RULES}.")
         resolve_tree(self.tree, num_heads=self.num_heads)  # raises on unknown names / too deep trees

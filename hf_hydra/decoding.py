@@ -23,15 +23,7 @@ from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorLi
 from transformers.generation.streamers import BaseStreamer
 
 from . import support
-from .acceptance import (
-    Acceptance,
-    AcceptanceRule,
-    acceptance_rule,
-    greedy_accept,
-    lossless_accept,
-    sample_token,
-    typical_accept,
-)
+from .acceptance import Acceptance, AcceptanceRule, acceptance_rule
 from .cache_name import CACHE_NAME, cache_argument
 from .dynamic_tree import DynamicTreePolicy
 from .heads import DraftHeads
@@ -175,15 +167,6 @@ def prefill(
     return Prefill(logits=out.logits[0, -1], context=context)
 
 
-def first_token(
-    rule: AcceptanceRule, scores: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """The token after the prompt from its processed scores (V,): argmax, or a sample as plain sampling draws."""
-    if rule.name == "greedy":
-        return scores.argmax()
-    return sample_token(scores.softmax(dim=-1), generator)
-
-
 def accept(
     rule: AcceptanceRule,
     tokens: torch.Tensor,
@@ -196,12 +179,7 @@ def accept(
     """Score every node with its own prefix (logits processors), then apply the call's acceptance rule.
     tokens: (T,) drafted tree; logits: (T, V) the verification's; sequence: (1, S) ends with the root."""
     scores = node_scores(logits, sequence, tokens, tree, logits_processor)  # (T, V)
-    if rule.name == "greedy":
-        return greedy_accept(tokens, scores, tree)
-    probs = scores.softmax(dim=-1)  # (T, V) float32, as plain sampling computes them
-    if rule.name == "typical":
-        return typical_accept(tokens, probs, tree, rule.posterior_threshold, rule.posterior_alpha, generator)
-    return lossless_accept(tokens, probs, tree, generator)
+    return rule.accept(tokens, scores, tree, generator)
 
 
 def append_until_stop(
@@ -274,7 +252,7 @@ def tree_speculative_generate(
     with timer("prefill"):
         start = prefill(model, heads, prompt, cache, context_cache)
     check_cache_supported(cache)
-    root = first_token(rule, next_token_scores(start.logits, input_ids, logits_processor), generator)
+    root = rule.first_token(next_token_scores(start.logits, input_ids, logits_processor), generator)
     sequence, finished = append_until_stop(input_ids, root[None], stopping_criteria)
     drafter.observe(sequence[0].tolist(), [])
     heads_context = start.context  # (d,) the heads' context vector (None without heads)

@@ -12,6 +12,7 @@ E the base's frozen input embedding. Head i (0-based) predicts the token i + 2 p
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from .attention import PACKED_GQA_ATTENTION
 from .cache_name import cache_argument
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
 from .cpu_kernels import PanelCopyLinear, PanelLinear
+from .head_archs import HEAD_ARCHS, HYDRA, HYDRA_PLUS_PLUS, MEDUSA, HeadArch
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, packed_kernel, prepack_linear_layers
 from .tree import causal_mask
 
@@ -123,9 +125,12 @@ class DraftHeads(nn.Module):
     draft vocabulary (`config.uses_draft_vocab`); it is None when the heads project onto the whole vocabulary.
     The shared projections are the frozen base lm_head (all rows, or the K draft rows): a buffer that is
     used, never saved or trained.
+
+    Each subclass implements one architecture of `hf_hydra.head_archs` (`arch`); what the declaration says
+    (sequential, prefix layer, dropout) is read from it here, the subclasses add how their heads are built.
     """
 
-    sequential: bool = False  # whether head i reads the embeddings of the tokens drafted before it
+    arch: ClassVar[HeadArch]
     output_bias: bool = True
 
     def __init__(
@@ -151,10 +156,17 @@ class DraftHeads(nn.Module):
             DraftHead(
                 blocks=self._blocks(i, d),
                 output=self._output(output_init, config.vocab_projection),
-                dropout=config.dropout if config.head_arch == "hydra++" else 0.0,
+                dropout=config.dropout if self.arch.dropout else 0.0,
             )
             for i in range(config.num_heads)
         )
+        if self.arch.prefix_layer:
+            self.prefix_layer = PrefixLayer(base)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether head i reads the embeddings of the tokens drafted before it."""
+        return self.arch.sequential
 
     def _blocks(self, head_index: int, d: int) -> list[nn.Module]:
         return [ResBlock(d) for _ in range(self.config.num_layers)]
@@ -217,12 +229,13 @@ class DraftHeads(nn.Module):
     def encode_context(
         self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
     ) -> torch.Tensor:
-        """Post-norm base hidden states of verified tokens (B, n, d) -> context vectors (B, n, d)."""
-        return hidden
+        """Post-norm base hidden states of verified tokens (B, n, d) -> context vectors (B, n, d): the prefix
+        layer's output where the architecture has one, else the hidden states themselves."""
+        return self.prefix_layer(hidden, position_ids, cache) if self.arch.prefix_layer else hidden
 
     def new_context_cache(self) -> DynamicCache | None:
-        """The cache `encode_context` needs across decoding steps (None when it is stateless)."""
-        return None
+        """The cache `encode_context` needs across decoding steps (the prefix layer's; None when it is stateless)."""
+        return DynamicCache() if self.arch.prefix_layer else None
 
     def forward(
         self, head_index: int, context: torch.Tensor, path_embeds: torch.Tensor | None = None
@@ -287,13 +300,14 @@ def _future_embeds(token_embeds: torch.Tensor, num_heads: int) -> torch.Tensor:
 class MedusaHeads(DraftHeads):
     """Medusa: head i reads h_t only; ResBlocks then `Linear(d, V, bias=False)`."""
 
+    arch = MEDUSA
     output_bias = False
 
 
 class HydraHeads(DraftHeads):
     """Hydra: head i reads `cat(h_t, E(x_{t+1}), ..., E(x_{t+i+1}))` (width d * (i + 2))."""
 
-    sequential = True
+    arch = HYDRA
 
     def _blocks(self, head_index: int, d: int) -> list[nn.Module]:
         first = ProjectedResBlock(d * (head_index + 2), d)
@@ -315,32 +329,21 @@ class HydraHeads(DraftHeads):
 class HydraPlusPlusHeads(HydraHeads):
     """Hydra++: Hydra heads with dropout, reading the output of a prefix decoder layer instead of h_t."""
 
-    def __init__(
-        self, config: HydraConfig, base: PreTrainedModel, draft_token_ids: torch.Tensor | None = None
-    ) -> None:
-        super().__init__(config, base, draft_token_ids)
-        self.prefix_layer = PrefixLayer(base)
-
-    def encode_context(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
-    ) -> torch.Tensor:
-        return self.prefix_layer(hidden, position_ids, cache)
-
-    def new_context_cache(self) -> DynamicCache:
-        return DynamicCache()
+    arch = HYDRA_PLUS_PLUS
 
 
+# The implementation of each declared architecture, by name.
 HEAD_CLASSES: dict[str, type[DraftHeads]] = {
-    "medusa": MedusaHeads,
-    "hydra": HydraHeads,
-    "hydra++": HydraPlusPlusHeads,
+    cls.arch.name: cls for cls in (MedusaHeads, HydraHeads, HydraPlusPlusHeads)
 }
+if set(HEAD_CLASSES) != set(HEAD_ARCHS):
+    raise ImportError(f"hf_hydra.heads implements {tuple(HEAD_CLASSES)}; hf_hydra.head_archs declares {HEAD_ARCHS}.")
 
 
 def build_heads(
     config: HydraConfig, base: PreTrainedModel, draft_token_ids: torch.Tensor | None = None
 ) -> DraftHeads:
-    """The registry: the head class of `config.head_arch`, built for `base`."""
+    """The head class of `config.head_arch`, built for `base`."""
     return HEAD_CLASSES[config.head_arch](config, base, draft_token_ids)
 
 

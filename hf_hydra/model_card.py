@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from .assets import describe_base, hub_model_family
 from .bench_table import markdown_table
+from .head_archs import DEFAULT_HEAD_ARCH, HEAD_ARCH_REGISTRY
 from .hub import (
     BENCHMARK_NAME,
     CARD_NAME,
@@ -39,10 +40,9 @@ from .hub import (
     WEIGHTS_NAME,
 )
 from .training.features import PREPARATION_FILE  # copied by `hf-hydra train` from the feature folder
-from .tree import DYNAMIC_TREE, resolve_tree
+from .tree import DYNAMIC_TREE, resolve_tree, static_default
 
 CARD_TEMPLATE = importlib.resources.files("hf_hydra.model_cards") / "hydra_heads.md"  # model_cards/ in the repo
-_ARCH_TAGS = {"medusa": "medusa", "hydra": "hydra", "hydra++": "hydra-plus-plus"}
 # Training arguments that say where files were or how the run was operated, not how the heads were trained.
 _UNSHOWN_TRAINING_ARGS = {"features_dir", "output_dir", "base_model", "eval_every", "save_every",
                           "keep_checkpoints", "resume", "cpu", "extra_features_dirs"}
@@ -60,12 +60,12 @@ def render_model_card(
     generation = _read_json(folder / GENERATION_CONFIG_NAME) or {}
     report = _read_json(Path(benchmark)) if benchmark is not None else _read_json(folder / BENCHMARK_NAME)
     base_id = _hub_model_id(hub_model_family(config.get("base_model_name_or_path")))
-    arch = config.get("head_arch", "hydra")
+    arch = config.get("head_arch", DEFAULT_HEAD_ARCH)
     metadata = ModelCardData(
         base_model=base_id,
         library_name="hf_hydra",
         pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(["speculative-decoding", "hf_hydra", _ARCH_TAGS.get(arch, arch), *(tags or [])])),
+        tags=list(dict.fromkeys(["speculative-decoding", "hf_hydra", _arch_tag(arch), *(tags or [])])),
     )
     repo = repo_id or folder.resolve().name
     base = config.get("base_model_name_or_path")
@@ -73,7 +73,7 @@ def render_model_card(
     values = {
         "metadata": metadata.to_yaml(),
         "title": repo.split("/")[-1],
-        "summary": f"{config.get('num_heads')} {_ARCH_NAMES.get(arch, arch)} draft heads for {base_text}.",
+        "summary": f"{config.get('num_heads')} {_arch_name(arch)} draft heads for {base_text}.",
         "repo_id": repo,
         "heads_table": _heads_table(config, generation, folder / WEIGHTS_NAME),
         "training": _training_section(config, folder),
@@ -99,7 +99,14 @@ def write_model_card(
     return path
 
 
-_ARCH_NAMES = {"medusa": "Medusa", "hydra": "Hydra", "hydra++": "Hydra++"}
+def _arch_name(arch: str) -> str:
+    """How the card writes a head architecture (an unknown one as its name)."""
+    return HEAD_ARCH_REGISTRY[arch].display_name if arch in HEAD_ARCH_REGISTRY else arch
+
+
+def _arch_tag(arch: str) -> str:
+    """The card's Hub tag of a head architecture (an unknown one as its name)."""
+    return HEAD_ARCH_REGISTRY[arch].hub_tag if arch in HEAD_ARCH_REGISTRY else arch
 
 
 def _read_json(path: Path) -> Any:
@@ -114,14 +121,13 @@ def _hub_model_id(name: str | None) -> str | None:
 
 
 def _heads_table(config: dict, generation: dict, weights: Path) -> str:
-    static = [list(p) for p in resolve_tree(config.get("tree"), config["num_heads"])]
-    default = generation.get("hydra_tree") or static
-    tree = static if default == DYNAMIC_TREE else default
+    default = generation.get("hydra_tree")
+    tree = static_default(default, [list(p) for p in resolve_tree(config.get("tree"), config["num_heads"])])
     tree_text = f"{len(tree)} nodes, depth {max(map(len, tree), default=0)}"
     if default == DYNAMIC_TREE:
         tree_text = f"dynamic (per step: calibrated acceptance, measured verification cost); static: {tree_text}"
     rows = [
-        ("architecture", f"{_ARCH_NAMES.get(config['head_arch'], config['head_arch'])} (`{config['head_arch']}`)"),
+        ("architecture", f"{_arch_name(config['head_arch'])} (`{config['head_arch']}`)"),
         ("heads", f"{config['num_heads']} (head i drafts the token i + 2 positions ahead)"),
         ("residual blocks per head", str(config["num_layers"])),
         ("vocabulary projection", _projection_text(config)),

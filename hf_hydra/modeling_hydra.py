@@ -27,12 +27,14 @@ from transformers.utils import ModelOutput, cached_file
 
 from . import assets, hub, model_card, reference_checkpoints
 from ._compat import cached_file_or_none, keep_hydra_generation_fields
+from .acceptance import ACCEPTANCE_RULES, LEGACY_ACCEPTANCE, LOSSLESS
 from .assisted import HydraCandidateGenerator, assisted_decoding
 from .attention import use_packed_gqa_attention
 from .cache_name import CACHE_NAME, cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .dynamic_tree import DynamicTreePolicy, HeadCalibration
+from .head_archs import DEFAULT_HEAD_ARCH
 from .heads import DraftHeads, build_heads
 from .prepack import (
     DEFAULT_BATCH_SIZE_HINT,
@@ -44,7 +46,7 @@ from .prepack import (
 from .roofline import machine_forward_seconds, machine_identity
 from .step_drafts import DEFAULT_SOURCES
 from .support import ASSISTED, TREE, check_options, position_limits
-from .tree import DYNAMIC_TREE, TreeBuffers, TreeSpec, build_tree_buffers, choose_tree, resolve_tree
+from .tree import DYNAMIC_TREE, TreeBuffers, TreeSpec, build_tree_buffers, choose_tree, resolve_tree, static_default
 
 logger = logging.getLogger(__name__)
 # generate() options only the tree loop takes: a call that passes one speculates, whatever the machine
@@ -114,7 +116,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
     def from_base(
         cls,
         base_model: PreTrainedModel,
-        head_arch: str = "hydra",
+        head_arch: str = DEFAULT_HEAD_ARCH,
         num_heads: int = 4,
         draft_token_ids: torch.Tensor | None = None,
         **config_kwargs,
@@ -418,8 +420,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         without a policy (heads never tuned on this machine's curve) is the heads' static tree."""
         if tree is None:
             tree = getattr(generation_config, "hydra_tree", None) or self.config.tree
-            if tree == DYNAMIC_TREE and self.dynamic_tree is None:
-                tree = self.config.tree
+            if self.dynamic_tree is None:
+                tree = static_default(tree, self.config.tree)
         return self._dynamic_tree_policy() if tree == DYNAMIC_TREE else self.tree_buffers(tree)
 
     def _dynamic_tree_policy(self) -> DynamicTreePolicy:
@@ -430,6 +432,13 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
                 "static tree such as tree=\"cpu_small_11\"."
             )
         return self.dynamic_tree
+
+    def set_tree(self, tree: TreeSpec, dynamic_default: bool = False) -> None:
+        """Make `tree` (a name or rank paths) the heads' static tree (`config.tree`, the source of truth) and
+        derive the default of generate calls from it (`generation_config.hydra_tree`: the same rank paths, or
+        "dynamic" with `dynamic_default`, which falls back to it); a ValueError when it is too deep."""
+        self.config.tree = [list(p) for p in resolve_tree(tree, self.config.num_heads)]
+        self.generation_config.hydra_tree = DYNAMIC_TREE if dynamic_default else default_tree_paths(self.config)
 
     def tree_buffers(self, tree: TreeSpec) -> TreeBuffers:
         """Validated buffers of a tree for these heads (cached per tree)."""
@@ -453,10 +462,11 @@ def _check_assisted_options(kwargs: dict, default_config: GenerationConfig) -> N
     """transformers' assisted loop samples losslessly, from torch's global RNG: refuse the tree loop's options."""
     generation_config = kwargs.get("generation_config") or default_config
     acceptance = kwargs.pop("acceptance", None) or getattr(generation_config, "hydra_acceptance", None)
-    if kwargs.get("do_sample", generation_config.do_sample) and acceptance == "typical":
+    rule = ACCEPTANCE_RULES.get(LEGACY_ACCEPTANCE.get(acceptance, acceptance))
+    if kwargs.get("do_sample", generation_config.do_sample) and rule is not None and not rule.exact:
         raise ValueError(
-            "speculative='assisted' uses transformers' lossless speculative sampling; typical acceptance needs "
-            "speculative=True (or pass acceptance='lossless')."
+            f"speculative='assisted' uses transformers' lossless speculative sampling; {acceptance} acceptance "
+            f"needs speculative=True (or pass acceptance={LOSSLESS!r})."
         )
     for name in ("posterior_threshold", "posterior_alpha", "generator"):
         if kwargs.pop(name, None) is not None:
@@ -503,11 +513,26 @@ def _move_stop_strings_to_criteria(kwargs: dict, default_config: GenerationConfi
     return True
 
 
+def default_tree_paths(config: HydraConfig) -> list[list[int]]:
+    """The heads' static tree, `config.tree`, as rank paths: what `generation_config.hydra_tree` holds unless a
+    tuned (dynamic) or hand-set default was saved there."""
+    return [list(p) for p in resolve_tree(config.tree, config.num_heads)]
+
+
 def speculative_generation_config(base_config: GenerationConfig, config: HydraConfig) -> GenerationConfig:
     """The base's generation defaults plus the speculation defaults (`hydra_tree`, `hydra_acceptance`,
-    `hydra_sources`)."""
+    `hydra_sources`), derived from the heads' config.
+
+    The default tree is kept in two saved places, both part of the file formats (and of the shipped heads):
+    config.json's `tree`, the heads' static tree, and generation_config.json's `hydra_tree`, the tree a
+    generate call uses when it names none ("dynamic" after `tune-tree`, else rank paths). `config.tree` is the
+    source of truth: `hydra_tree` is derived from it here, on creation, and on loading a folder whose
+    generation_config.json has none (`_load_generation_config`); `HydraForCausalLM.set_tree` changes both
+    together. A `hydra_tree` saved in generation_config.json is kept as the call default, like any
+    generation default; "dynamic" falls back to `config.tree` where no dynamic policy is loaded.
+    """
     generation_config = copy.deepcopy(base_config)
-    generation_config.hydra_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
+    generation_config.hydra_tree = default_tree_paths(config)
     generation_config.hydra_acceptance = config.acceptance
     generation_config.hydra_sources = DEFAULT_SOURCES
     keep_hydra_generation_fields(generation_config)  # else GenerationConfig drops hydra_* when loading it
@@ -644,11 +669,11 @@ def _load_generation_config(
     path = cached_file_or_none(source, "generation_config.json", **hub_kwargs)
     if path is None:
         return speculative_generation_config(base_model.generation_config, config)
-    generation_config = GenerationConfig.from_pretrained(Path(path).parent)
-    raw = json.loads(Path(path).read_text())  # files saved with _from_model_config=true lose hydra_* above
-    default_tree = [list(p) for p in resolve_tree(config.tree, config.num_heads)]
-    generation_config.hydra_tree = raw.get("hydra_tree") or default_tree
-    generation_config.hydra_acceptance = raw.get("hydra_acceptance", config.acceptance)
-    generation_config.hydra_sources = raw.get("hydra_sources", DEFAULT_SOURCES)
-    keep_hydra_generation_fields(generation_config)
+    # the saved speculation defaults over those derived from the config (files saved with
+    # _from_model_config=true lose hydra_* in GenerationConfig.from_pretrained: they are read from the JSON)
+    generation_config = speculative_generation_config(GenerationConfig.from_pretrained(Path(path).parent), config)
+    raw = json.loads(Path(path).read_text())
+    generation_config.hydra_tree = raw.get("hydra_tree") or generation_config.hydra_tree
+    generation_config.hydra_acceptance = raw.get("hydra_acceptance", generation_config.hydra_acceptance)
+    generation_config.hydra_sources = raw.get("hydra_sources", generation_config.hydra_sources)
     return generation_config

@@ -62,6 +62,7 @@ from transformers.utils import cached_file
 
 from ._compat import cached_file_or_none
 from .configuration_hydra import HydraConfig
+from .head_archs import HYDRA, HYDRA_PLUS_PLUS, MEDUSA
 from .hub import CONFIG_NAME, base_tokenizer_fingerprint, resolve_base_revision
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def _read_hydra(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoint
     fmt = "hydra-mlp" if arch == "mlp" else "hydra-prefix-mlp"
     config = _reference_config(
         raw, fmt, source,
-        head_arch="hydra" if arch == "mlp" else "hydra++",
+        head_arch=HYDRA.name if arch == "mlp" else HYDRA_PLUS_PLUS.name,
         num_heads=raw["hydra_num_heads"], num_layers=raw["hydra_num_layers"],
         base_hidden_size=hidden, base_vocab_size=vocab,
     )
@@ -226,7 +227,7 @@ def _read_medusa(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoin
     vocab = None if version2 or f"0.{layers}.weight" not in state else state[f"0.{layers}.weight"].shape[0]
     fmt = "medusa-v2" if version2 else "medusa"
     config = _reference_config(
-        raw, fmt, source, head_arch="medusa", num_heads=num_heads, num_layers=layers,
+        raw, fmt, source, head_arch=MEDUSA.name, num_heads=num_heads, num_layers=layers,
         base_hidden_size=d, base_vocab_size=vocab, vocab_projection="shared" if version2 else "per_head",
     )
     return ReferenceCheckpoint(fmt, source, weights_file, config, state)

@@ -41,6 +41,12 @@ DYNAMIC_TREE = "dynamic"
 TreeSpec = str | Sequence[Sequence[int]]
 
 
+def static_default(default: TreeSpec | None, static: TreeSpec) -> TreeSpec:
+    """The static tree a default tree stands for: `default` itself, or the heads' static tree `static`
+    (`HydraConfig.tree`) where the default is dynamic or unset."""
+    return static if not default or default == DYNAMIC_TREE else default
+
+
 def chain(depth: int) -> tuple[tuple[int, ...], ...]:
     """The single path of top-1 tokens `[[0], [0, 0], ...]` of the given depth."""
     return tuple((0,) * d for d in range(1, depth + 1))

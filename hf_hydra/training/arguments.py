@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..configuration_hydra import HEAD_ARCHS, VOCAB_PROJECTIONS
+from ..configuration_hydra import VOCAB_PROJECTIONS
+from ..head_archs import DEFAULT_HEAD_ARCH, HEAD_ARCHS
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -25,7 +26,7 @@ class TrainingArguments:
     features_dir: str  # a folder written by `prepare_features`; validation and the draft vocabulary come from it
     output_dir: str  # heads, metrics, plot, summary and checkpoints go here
     base_model: str  # path or id of the frozen base the features were computed with
-    head_arch: str = "hydra"  # "medusa" | "hydra" | "hydra++"
+    head_arch: str = DEFAULT_HEAD_ARCH  # one of `hf_hydra.head_archs.HEAD_ARCHS`
     num_heads: int = 4  # head i predicts the token i + 2 positions after t
     num_layers: int = 1  # residual blocks per head (Hydra++ recipe: 4)
     # "draft_vocab" (own projection onto K tokens: cheap), "shared_draft_vocab" (frozen base rows of the K
