@@ -213,9 +213,9 @@ def run_bench(args: argparse.Namespace) -> int:
     heads_base = fast_base if fast_base is not None else base
     heads = {label: HydraForCausalLM.from_pretrained(p, base_model=heads_base).to(device) for label, p in paths.items()}
     if fast_base is not None:  # after the heads took their shared rows of the base lm_head
-        prepack_linear_layers(fast_base)
+        report = prepack_linear_layers(fast_base)
         for model in heads.values():
-            model.fit_trees_to_machine()  # the trees on the packed base's curve
+            model.use_packed_base(report)  # drafting on the same kernel, the trees on the packed base's curve
     if args.prepack:
         for model in heads.values():
             model.prepack_heads()

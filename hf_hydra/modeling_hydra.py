@@ -385,10 +385,15 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         for a base it loads onto the CPU. Speculative and plain `generate` both use them; outputs agree with the
         stock kernels' up to float rounding. The heads draft on the same kernel (`DraftHeads.pack_for_drafting`)
         and save and train as before. The base cannot train or move device after."""
-        self.base_prepack = prepack_linear_layers(self.base_lm, batch_size_hint, kernel=kernel)
-        self.heads.pack_for_drafting(self.base_prepack.kernel)
+        return self.use_packed_base(prepack_linear_layers(self.base_lm, batch_size_hint, kernel=kernel))
+
+    def use_packed_base(self, report: PrepackReport) -> PrepackReport:
+        """After the base was packed as `report` says (by `prepack_base`, or by `prepack_linear_layers` on a base
+        several models share): the heads draft on the same kernel and the trees are fitted to the packed base."""
+        self.base_prepack = report
+        self.heads.pack_for_drafting(report.kernel)
         self.fit_trees_to_machine()
-        return self.base_prepack
+        return report
 
     def prepack_heads(
         self, compute_dtype: torch.dtype | None = None, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT
