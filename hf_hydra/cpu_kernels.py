@@ -1,9 +1,9 @@
 """Panel-packed float32 linear layers for AVX2 and AVX-512 CPUs: few-token forwards at the memory limit.
 
 A decoding step multiplies one to a few rows by every weight matrix of the base, so its cost is reading the
-weights. torch's stock CPU kernels (MKL) are far from that limit on AVX2 machines (measured on a 2-core
-AVX2-only EPYC with SmolLM2-135M, one thread: a 4-row forward 1.7x a 1-row one, the 1-row one 2.2x the time of
-reading the weights once; with these kernels 1.2x and 1.8x, the linear layers themselves at the bandwidth).
+weights. torch's stock CPU kernels (MKL) are far from that limit for a few rows: a forward over a few tokens costs
+much more than a one-token one, and the one-token one much more than reading the weights (figures per CPU in
+`artifacts/README.md`).
 `hf_hydra/csrc/packed_linear.c` streams each weight once, in panels of 16 output columns, while a group of rows
 accumulates in registers (up to 6 with AVX2, 12 with AVX-512; see its header). It is plain C with intrinsics,
 built on first use with the system C compiler (about a second) into ``<cache_root()>/kernels/`` and loaded with
