@@ -6,11 +6,10 @@ Importing the package registers model type "hydra" with `AutoConfig` and `AutoMo
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import assets
+from ._version import __version__
 from .configuration_hydra import HydraConfig
 from .decoding import HydraGenerateOutput, SpeculationStats, context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
-
-__version__ = "0.1.0"
 
 AutoConfig.register("hydra", HydraConfig)
 AutoModelForCausalLM.register(HydraConfig, HydraForCausalLM)

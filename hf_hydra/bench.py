@@ -2,7 +2,9 @@
 
 All methods run interleaved per prompt in one process after a warm-up, so machine noise hits them
 alike; speed-ups are ratios measured on the same prompt. One JSON holds everything; the Markdown
-table and the plots are generated from it, never typed by hand.
+table and the plots are generated from it, never typed by hand. This module runs and times the methods and
+assembles that report; bench_report.py writes it (the table from bench_table.py, the plots from bench_plots.py)
+and merges the reports of shards.
 
 Greedy (the default): every output is compared with plain greedy `generate` token for token. With a
 temperature, every method samples (plain sampling is the reference, tree methods use lossless
@@ -15,23 +17,21 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import __version__
+from ._version import __version__
 from .acceptance import TYPICAL
-from .bench_table import AUTOREGRESSIVE, markdown_table
+from .bench_table import AUTOREGRESSIVE
 from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
 from .head_archs import HEAD_ARCHS, HYDRA
 from .modeling_hydra import HydraForCausalLM
@@ -370,33 +370,6 @@ def shard(questions: Sequence[dict], index: int, count: int) -> list[dict]:
     return list(questions[index::count])
 
 
-def merge_reports(reports: Sequence[dict]) -> dict:
-    """One report from the shards of one benchmark (same settings and machine, disjoint questions)."""
-    first = reports[0]
-    same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees", "static_trees", "prepacked",
-            "heads_prepacked")
-    for other in reports[1:]:
-        differing = [k for k in same if other["settings"].get(k) != first["settings"].get(k)]
-        if differing or other["machine"] != first["machine"]:
-            raise ValueError(f"These reports are not shards of one benchmark: they differ in {differing or 'machine'}.")
-    results = [PromptResult(**row) for report in reports for row in report["results"]]
-    ids = [r.question_id for r in results if r.method == AUTOREGRESSIVE]
-    if len(ids) != len(set(ids)):
-        raise ValueError("The reports share questions; merge the shards of one `--shard I/N` benchmark only.")
-    settings = {
-        **first["settings"],
-        "num_prompts": len(ids),
-        "shards": len(reports),  # processes that ran side by side, each on its own questions
-    }
-    return {
-        **first,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": settings,
-        "results": [asdict(r) for r in results],
-        "summary": [asdict(s) for s in summarize(results, settings["methods"], settings["tree_depths"])],
-    }
-
-
 def _bench_prompt(
     base: PreTrainedModel,
     runners: dict[str, Runner],
@@ -520,53 +493,3 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Speed-up per category and method, and acceptance rate per tree depth, as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    summaries = [s for s in report["summary"] if s["method"] != AUTOREGRESSIVE]
-    categories = sorted({c for s in summaries for c in s["speedup_by_category"]})
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / max(len(summaries), 1)
-    for i, s in enumerate(summaries):
-        xs = [c + i * width for c in range(len(categories))]
-        ax.bar(xs, [s["speedup_by_category"].get(c, 0.0) for c in categories], width, label=s["method"])
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, rotation=20)
-    ax.set_ylabel("speed-up vs autoregressive (median)")
-    ax.legend()
-    speedup_png = out_dir / "speedup_by_category.png"
-    fig.tight_layout()
-    fig.savefig(speedup_png, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in summaries:
-        if s["acceptance_by_depth"]:
-            depths = range(1, len(s["acceptance_by_depth"]) + 1)
-            ax.plot(depths, s["acceptance_by_depth"], marker="o", label=s["method"])
-    ax.set_xlabel("tree depth")
-    ax.set_ylabel("acceptance rate")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    acceptance_png = out_dir / "acceptance_by_depth.png"
-    fig.tight_layout()
-    fig.savefig(acceptance_png, dpi=120)
-    plt.close(fig)
-    return [speedup_png, acceptance_png]
-
-
-def write_report(report: dict, json_path: str | Path) -> list[Path]:
-    """Write the JSON, and beside it the Markdown table and the plots generated from it."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1))
-    table = json_path.with_suffix(".md")
-    table.write_text(markdown_table(report))
-    return [json_path, table, *plot_report(report, json_path.parent)]

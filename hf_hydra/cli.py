@@ -198,7 +198,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench, bench_report, bench_table
 
     base_path = args.base or assets.default_base_model_path()
     device = torch.device(args.device)
@@ -243,8 +243,8 @@ def run_bench(args: argparse.Namespace) -> int:
         base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn, args.temperature, args.seed,
         prepacked_base=fast_base, stock_heads=stock_heads,
     )
-    written = bench.write_report(report, args.out)
-    print(bench.markdown_table(report))
+    written = bench_report.write_report(report, args.out)
+    print(bench_table.markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -252,11 +252,11 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_bench_merge(args: argparse.Namespace) -> int:
     import json
 
-    from . import bench
+    from . import bench_report, bench_table
 
-    report = bench.merge_reports([json.loads(Path(path).read_text()) for path in args.reports])
-    written = bench.write_report(report, args.out)
-    print(bench.markdown_table(report))
+    report = bench_report.merge_reports([json.loads(Path(path).read_text()) for path in args.reports])
+    written = bench_report.write_report(report, args.out)
+    print(bench_table.markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny_model
 from transformers import AutoTokenizer
 
-from hf_hydra import HydraForCausalLM, SpeculationStats, assets, bench
+from hf_hydra import HydraForCausalLM, SpeculationStats, assets, bench, bench_report, bench_table
 from hf_hydra.dynamic_tree import DynamicTreePolicy
 from hf_hydra.prepack import PrepackedLinear, prepack_linear_layers
 from hf_hydra.step_drafts import StepDrafter
@@ -72,7 +72,7 @@ def test_report_schema_and_lossless_methods(report):
 
 
 def test_markdown_and_plots_come_from_the_json(report, tmp_path):
-    written = bench.write_report(report, tmp_path / "bench.json")
+    written = bench_report.write_report(report, tmp_path / "bench.json")
     assert [p.name for p in written] == ["bench.json", "bench.md", "speedup_by_category.png", "acceptance_by_depth.png"]
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     table = (tmp_path / "bench.md").read_text()
@@ -191,7 +191,7 @@ def test_sampling_bench_reports_log_likelihood_instead_of_mismatches(base, token
     for s in summary.values():
         assert s["mismatches"] is None and s["mean_log_likelihood"] < 0
     assert summary["hydra-typical"]["tau"] >= 1.0 and len(summary["hydra-typical"]["acceptance_by_depth"]) == 2
-    table = bench.markdown_table(report)
+    table = bench_table.markdown_table(report)
     assert "sampling at temperature 0.7" in table and "log-likelihood / token" in table
     assert f"{summary['hydra-typical']['mean_log_likelihood']:.3f}" in table
 
@@ -201,10 +201,10 @@ def test_table_names_the_cpu_when_the_report_has_it(report):
         **report["machine"], "device": "cpu", "processor": "x86_64", "cpu": "AMD EPYC", "cpu_count": 2,
         "cpu_vector_level": "AVX-512",
     }
-    assert "cpu (AMD EPYC x86_64, 2 cores, AVX-512, " in bench.markdown_table({**report, "machine": machine})
+    assert "cpu (AMD EPYC x86_64, 2 cores, AVX-512, " in bench_table.markdown_table({**report, "machine": machine})
     older = {k: v for k, v in machine.items() if k not in ("cpu", "cpu_count", "cpu_vector_level")}  # written before
-    assert "cpu (x86_64, " in bench.markdown_table({**report, "machine": older})
-    assert "cpu (x86_64, " in bench.markdown_table({**report, "machine": older})
+    assert "cpu (x86_64, " in bench_table.markdown_table({**report, "machine": older})
+    assert "cpu (x86_64, " in bench_table.markdown_table({**report, "machine": older})
 
 
 def test_mean_log_likelihood_by_hand(base):
@@ -229,17 +229,17 @@ def test_shards_merge_into_the_report_of_all_questions(base, tokenizer, tmp_path
         for i in range(2)
     ]
     assert [len(bench.shard(questions, i, 2)) for i in range(2)] == [2, 1]
-    merged = bench.merge_reports(shards)
+    merged = bench_report.merge_reports(shards)
     assert merged["settings"]["num_prompts"] == 3 and merged["settings"]["shards"] == 2
     results = [bench.PromptResult(**row) for shard in shards for row in shard["results"]]
     expected = bench.summarize(results, [bench.AUTOREGRESSIVE, "medusa"], {"medusa": 2})
     assert merged["summary"] == [dataclasses.asdict(s) for s in expected]
-    assert "2 processes side by side" in bench.markdown_table(merged)
+    assert "2 processes side by side" in bench_table.markdown_table(merged)
     with pytest.raises(ValueError, match="share questions"):
-        bench.merge_reports([shards[0], shards[0]])
+        bench_report.merge_reports([shards[0], shards[0]])
     other = {**shards[1], "settings": {**shards[1]["settings"], "max_new_tokens": 99}}
     with pytest.raises(ValueError, match="max_new_tokens"):
-        bench.merge_reports([shards[0], other])
+        bench_report.merge_reports([shards[0], other])
 
 
 def test_prepacked_bench_keeps_the_stock_reference(base, tokenizer, tmp_path):
@@ -259,8 +259,8 @@ def test_prepacked_bench_keeps_the_stock_reference(base, tokenizer, tmp_path):
     assert all(row["identical"] for row in report["results"])
     kernel = report["settings"]["kernel"]
     assert kernel in ("onednn", "panel")
-    assert {"onednn": "oneDNN-prepacked", "panel": "panel-packed"}[kernel] in bench.markdown_table(report)
-    unpacked = bench.markdown_table({**report, "settings": {**report["settings"], "prepacked": False}})
+    assert {"onednn": "oneDNN-prepacked", "panel": "panel-packed"}[kernel] in bench_table.markdown_table(report)
+    unpacked = bench_table.markdown_table({**report, "settings": {**report["settings"], "prepacked": False}})
     assert "oneDNN" not in unpacked and "panel" not in unpacked
 
 
