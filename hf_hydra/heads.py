@@ -220,7 +220,7 @@ class DraftHeads(nn.Module):
         report = prepack_linear_layers(self, batch_size_hint, compute_dtype, kernel="onednn")
         if self.config.vocab_projection in SHARED_PROJECTIONS:
             weight = self.shared_output_weight  # (V or K, d)
-            self.packed_shared_output = PrepackedLinear(weight, None, batch_size_hint, compute_dtype)
+            self.packed_shared_output = _packed_projection(weight, "onednn", compute_dtype, batch_size_hint)
             report = dataclasses.replace(
                 report, layers=report.layers + 1, parameters=report.parameters + weight.numel()
             )
@@ -283,12 +283,16 @@ def _refresh_shared_draft_rows(module: DraftHeads, incompatible_keys) -> None:
 
 
 def _packed_projection(
-    weight: torch.Tensor, kernel: str, compute_dtype: torch.dtype = torch.float32
+    weight: torch.Tensor,
+    kernel: str,
+    compute_dtype: torch.dtype = torch.float32,
+    batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT,
 ) -> PanelLinear | PrepackedLinear:
-    """(rows, d) -> an inference-only linear layer without bias on `kernel` ("panel" or "onednn")."""
+    """(rows, d) -> an inference-only linear layer without bias on `kernel` ("panel": float32; "onednn": in
+    `compute_dtype`)."""
     if kernel == "panel":
         return PanelLinear(weight)
-    return PrepackedLinear(weight, None, DEFAULT_BATCH_SIZE_HINT, compute_dtype)
+    return PrepackedLinear(weight, None, batch_size_hint, compute_dtype)
 
 
 def _future_embeds(token_embeds: torch.Tensor, num_heads: int) -> torch.Tensor:
