@@ -1,9 +1,11 @@
 """hf_hydra: Hydra speculative decoding (sequentially dependent draft heads) for Hugging Face causal LMs.
 
-Importing the package registers model type "hydra" with `AutoConfig` and `AutoModelForCausalLM`.
+Importing the package registers model type "hydra" with `AutoConfig`, `AutoModelForCausalLM` and `AutoModel`:
+heads repos load with either Auto class, both giving a `HydraForCausalLM` (the heads are useless without the base's
+LM head, so `AutoModel` does not strip it as it would for a plain causal LM).
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import assets
 from ._version import __version__
@@ -13,6 +15,7 @@ from .modeling_hydra import HydraForCausalLM
 
 AutoConfig.register("hydra", HydraConfig)
 AutoModelForCausalLM.register(HydraConfig, HydraForCausalLM)
+AutoModel.register(HydraConfig, HydraForCausalLM)
 
 __all__ = [
     "assets",

@@ -63,6 +63,16 @@ def make_tiny_model(
     return model.eval()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` are skipped, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_model_factory() -> Callable[..., PreTrainedModel]:
     """`tiny_model_factory(arch="llama", seed=0, attn_implementation="sdpa", **config_overrides)`."""

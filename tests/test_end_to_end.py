@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from hf_hydra import HydraForCausalLM, assets, context_speculative_generate
 from hf_hydra.bench import first_divergence, spread_over_categories
@@ -99,6 +99,17 @@ def test_the_default_path_on_a_packed_base_matches_stock_greedy(base_model, prom
         if tie is not None:
             ties.append(tie)
     print(f"packed base ({model.base_prepack.kernel}), shipped hydra++ heads: {len(ties)} floating-point ties {ties}")
+
+
+def test_shipped_heads_load_through_both_auto_classes(prompts):
+    """`AutoModel` and `AutoModelForCausalLM` both give the heads with their base: the same model, same tokens."""
+    path = assets.pretrained_heads_path("hydra++")
+    by_auto_model, by_causal_lm = AutoModel.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    assert type(by_auto_model) is type(by_causal_lm) is HydraForCausalLM
+    for key, value in by_causal_lm.heads.state_dict().items():
+        assert torch.equal(by_auto_model.heads.state_dict()[key], value), key
+    outputs = [m.generate(prompts[0], max_new_tokens=24, speculative=True) for m in (by_auto_model, by_causal_lm)]
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_random_heads_match_greedy_on_mt_bench(base_model, prompts, plain_outputs):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 import hf_hydra  # noqa: F401  (registers model type "hydra" with the Auto classes)
 from hf_hydra import HydraConfig, HydraForCausalLM
@@ -146,6 +146,11 @@ def test_auto_model_loads_base_from_config_and_heads(tiny_model_factory, tmp_pat
     # The explicit class without base_model does the same.
     explicit = HydraForCausalLM.from_pretrained(tmp_path / "heads")
     _assert_same_heads(model, explicit)
+    # AutoModel gives the same class (heads need the base's LM head, so nothing is stripped).
+    by_auto_model = AutoModel.from_pretrained(tmp_path / "heads", prepack=False)
+    assert type(by_auto_model) is HydraForCausalLM and type(by_auto_model.base_lm) is type(base)
+    _assert_same_heads(model, by_auto_model)
+    assert torch.equal(_speculate(by_auto_model, prompt).sequences, _speculate(model, prompt).sequences)
 
 
 def test_heads_naming_a_hub_id_load_that_id_and_no_provisioned_copy(
