@@ -33,6 +33,7 @@ from ._version import __version__
 from .acceptance import TYPICAL
 from .bench_table import AUTOREGRESSIVE
 from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
+from .divergence import first_divergence
 from .head_archs import HEAD_ARCHS, HYDRA
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name, packed_kernel
@@ -99,26 +100,6 @@ class MethodSummary:
     step_time_shares: dict[str, float] = field(default_factory=dict)  # draft/verify/accept/commit share of steps
     mean_log_likelihood: float | None = None  # sampling: mean over prompts of the per-token log-likelihood
     context_share: float | None = None  # share of the accepted drafts that only the context proposed
-
-
-@dataclass(frozen=True)
-class Divergence:
-    index: int  # position in the sequence of the first differing token
-    gap: float  # base top-2 logit gap there (a floating-point tie when below ~1e-4)
-
-
-def first_divergence(base: PreTrainedModel, reference: torch.Tensor, other: torch.Tensor) -> Divergence | None:
-    """Where two (1, S) sequences first differ, with the base's top-2 logit gap for that token."""
-    common = min(reference.shape[1], other.shape[1])
-    differing = (reference[0, :common] != other[0, :common]).nonzero()
-    if differing.numel() == 0:
-        if reference.shape[1] == other.shape[1]:
-            return None
-        return Divergence(index=common, gap=float("inf"))  # one stopped earlier: not a tie
-    index = int(differing[0])
-    with torch.no_grad():
-        top = base(reference[:, :index]).logits[0, -1].topk(2).values
-    return Divergence(index=index, gap=float(top[0] - top[1]))
 
 
 def acceptance_by_depth(accepted_lengths: Sequence[int], max_depth: int) -> list[float]:

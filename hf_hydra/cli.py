@@ -35,6 +35,7 @@ class TimedGeneration:
         return self.new_tokens.shape[0] / self.seconds
 
 
+BASE_DTYPES = ("float32", "bfloat16", "float16")
 PREPACK_HELP = (
     "CPU, float32: --prepack packs the base's linear layers (the faster of oneDNN's and the panel kernels "
     "here, hf_hydra.prepack), so that verifying a few tokens costs about a stock one-token forward, and the heads' "
@@ -148,7 +149,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise SystemExit("prepare: --seed and --skip choose ShareGPT conversations; use them with --sharegpt, "
                          "not with --data (a distilled file is prepared whole, or its first --limit).")
     base_path = args.base or assets.default_base_model_path()
-    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    dtype = {} if args.dtype is None else {"dtype": getattr(torch, args.dtype)}
+    base = AutoModelForCausalLM.from_pretrained(base_path, **dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if args.data is not None:
         conversations = load_distilled(args.data)[: args.limit]
@@ -182,6 +184,8 @@ def prepare_command(args: argparse.Namespace) -> str:
         words += ["--limit", str(args.limit)]
     if args.base is not None:
         words += ["--base", args.base]
+    if args.dtype is not None:
+        words += ["--dtype", args.dtype]
     return shlex.join(words)
 
 
@@ -482,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--teacher-topk", type=int, default=32)
     prepare.add_argument("--limit", type=int, help="use only the first N conversations")
     prepare.add_argument("--base", help="base model folder or Hub id (default: SmolLM2-135M-Instruct)")
+    prepare.add_argument("--dtype", choices=BASE_DTYPES,
+                         help="the base's dtype while it computes the features (default: the checkpoint's own)")
     prepare.set_defaults(func=run_prepare)
 
     train = commands.add_parser("train", help="train heads on a feature folder (runs under accelerate launch too)")

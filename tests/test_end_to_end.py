@@ -3,7 +3,7 @@ returns exactly the tokens of plain greedy `generate`.
 
 Verifying several tokens at once runs other kernels than one-token decoding, so logits can differ by
 ~1e-5. The only mismatch accepted is at a floating-point tie: at the first differing token the base's
-top-2 logits must be within 1e-4. Such a case is reported with its gap, never skipped.
+top-2 logits must be within 1e-4 (`hf_hydra.divergence`). Such a case is reported with its gap, never skipped.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import sys
 
 import pytest
 import torch
+from ties import assert_same_or_tie
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from hf_hydra import HydraForCausalLM, assets, context_speculative_generate
-from hf_hydra.bench import first_divergence, spread_over_categories
+from hf_hydra.bench import spread_over_categories
 from hf_hydra.cli import chat_input_ids
 
 pytestmark = pytest.mark.slow
 
 NUM_PROMPTS = 10
 NEW_TOKENS = 128
-TIE_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +40,6 @@ def tokenizer():
 def prompts(tokenizer) -> list[torch.Tensor]:
     ordered = spread_over_categories(assets.mt_bench_questions())  # one question of each category first
     return [chat_input_ids(tokenizer, q["turns"][0]) for q in ordered[:NUM_PROMPTS]]
-
-
-def assert_same_or_tie(base_model, plain: torch.Tensor, fast: torch.Tensor, prompt_length: int) -> str | None:
-    """Equal sequences, or a first difference at a floating-point tie (returns its description)."""
-    divergence = first_divergence(base_model, plain, fast)
-    if divergence is None:
-        return None
-    where = divergence.index - prompt_length
-    assert divergence.gap < TIE_TOLERANCE, (
-        f"outputs differ at new token {where} with a top-2 logit gap of {divergence.gap}"
-    )
-    return f"tie at new token {where}: top-2 gap {divergence.gap:.2e}"
 
 
 @pytest.fixture(scope="module")

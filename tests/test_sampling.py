@@ -59,8 +59,10 @@ STAT_CASES: dict[str, tuple[str, bool | str, object, dict]] = {
 }
 
 
-def _stat_model(factory: Callable[..., PreTrainedModel], head_arch: str = "hydra") -> HydraForCausalLM:
-    base = factory("llama", seed=0, vocab_size=STAT_VOCAB)
+def _stat_model(
+    factory: Callable[..., PreTrainedModel], head_arch: str = "hydra", dtype: torch.dtype = torch.float32
+) -> HydraForCausalLM:
+    base = factory("llama", seed=0, vocab_size=STAT_VOCAB).to(dtype)
     torch.manual_seed(100)
     if head_arch == DRAFT_VOCAB:
         return HydraForCausalLM.from_base(
@@ -155,6 +157,18 @@ def test_lossless_sampling_matches_plain_sampling(tiny_model_factory, case: str)
     exact = exact_first_three(model.base_lm, STAT_PROMPT, **sampling)
     counts = speculative_first_three(model, speculative, tree, STAT_SAMPLES, seed=1, **sampling)
     assert chi_square_p_value(counts, exact) > P_VALUE_PASS
+
+
+@pytest.mark.parametrize("case", ["temperature_1-wide_tree", "merged-temperature_0.9-dynamic"])
+def test_lossless_sampling_on_a_bfloat16_base_matches_its_plain_sampling(tiny_model_factory, case: str) -> None:
+    """The same test on a bfloat16 base and heads: the reference is that base's own plain sampling (its bfloat16
+    scores); the tree's forward rounds its logits differently, far below what 800 samples can see."""
+    head_arch, speculative, tree, sampling = STAT_CASES[case]
+    model = _stat_model(tiny_model_factory, head_arch, dtype=torch.bfloat16)
+    assert model.base_lm.dtype == torch.bfloat16 and {p.dtype for p in model.heads.parameters()} == {torch.bfloat16}
+    exact = exact_first_three(model.base_lm, STAT_PROMPT, **sampling)
+    counts = speculative_first_three(model, speculative, tree, STAT_SAMPLES, seed=1, **sampling)
+    assert chi_square_p_value(counts, exact.float()) > P_VALUE_PASS
 
 
 def _no_renormalisation(probs: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

@@ -230,11 +230,12 @@ def _create_or_open(folder: Path, meta: FeatureMeta, offsets: np.ndarray) -> dic
 
 @torch.no_grad()
 def base_features(base: PreTrainedModel, input_ids: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
-    """One base forward over (T,) tokens -> hidden (T, d), teacher top-k ids and log-probs (T, k)."""
+    """One base forward over (T,) tokens -> hidden (T, d), teacher top-k ids and log-probs (T, k), in float32
+    whatever the base's dtype (numpy has no bfloat16; the store rounds them to float16 once)."""
     out = base(input_ids=input_ids[None], output_hidden_states=True)
     logprobs = out.logits[0].float().log_softmax(dim=-1)  # (T, V)
     top = logprobs.topk(topk, dim=-1)
-    return {"hidden": out.hidden_states[-1][0], "teacher_ids": top.indices, "teacher_logprobs": top.values}
+    return {"hidden": out.hidden_states[-1][0].float(), "teacher_ids": top.indices, "teacher_logprobs": top.values}
 
 
 def prepare_features(
