@@ -58,8 +58,8 @@ NOTES = (
     "Every projected figure is a projection: tau was measured with the shipped heads on their SmolLM2-135M base "
     "(MT-Bench turn 1, greedy, the heads' tree alone), the costs on a random-weight base with fresh heads; trained "
     "heads on a real base of this shape reach another tau.",
-    "Loop time per step = the draft, accept and commit phases of the package's PhaseTimer (which synchronises the "
-    "device at the end of each phase) + the generate call's time outside every phase, divided by the steps.",
+    "Loop time per step = the call's wall time minus its prefill and verification phases (the package's PhaseTimer: "
+    "CUDA events, the device's timeline, no synchronisation per phase), divided by the steps.",
     "The shipped Hydra and Hydra++ heads decode by default with tree='dynamic' merged with context candidates: "
     "their tree's size changes from step to step, so that default is not projected here.",
     "mc_sim_7b_63: no MT-Bench run of the shipped heads exists; its tau is what their rank accuracy "
