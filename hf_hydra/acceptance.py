@@ -115,8 +115,8 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
     """
     predicted = logits.argmax(dim=-1)  # (T,)
     accepted = _leading_accepted(tokens[tree.leaf_paths[:, 1:]] == predicted[tree.leaf_paths[:, :-1]], tree)  # (P,)
-    best = int(accepted.argmax())
-    nodes = tree.leaf_paths[best, : int(accepted[best]) + 1]
+    best, length = torch.stack((accepted.argmax(), accepted.max())).tolist()  # one host synchronisation
+    nodes = tree.leaf_paths[best, : length + 1]
     return Acceptance(nodes=nodes, bonus_token=predicted[nodes[-1]])
 
 
