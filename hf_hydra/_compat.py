@@ -32,6 +32,9 @@ Private uses, by seam function (function -> what it touches -> who calls it):
   weights; no public API prepacks a weight) -> prepack.PrepackedLinear, prepack.bfloat16_supported.
 * `tensor_version(tensor)` -> `torch.Tensor._version` (the counter torch bumps at every in-place write: tells a
   cached packed copy of a weight that the weight changed) -> cpu_kernels.PanelCopyLinear.forward.
+* `from_pretrained_allowing(model_class, source, extra_key, **kwargs)` -> the `transformers.modeling_utils` logger
+  and the "LOAD REPORT" title of the warning `from_pretrained` logs for missing / unexpected keys (held back when
+  the only findings are keys the caller reads itself) -> reference_checkpoints.load_base_model.
 
 Overrides that stay in their class (a subclass must define the private name itself; tests/test_compat.py checks
 that the hooked name still exists, with the parameters the override relies on):
@@ -57,6 +60,8 @@ This module imports only the standard library, torch and transformers (no hf_hyd
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -183,3 +188,46 @@ def tensor_version(tensor: torch.Tensor) -> int:
 
     Reads the private `Tensor._version` (autograd's version counter; no public equivalent)."""
     return tensor._version
+
+
+# ------------------------------------------------------------------------------------------------ load reports
+
+# the logger transformers' `from_pretrained` writes its load report (missing / unexpected / mismatched keys) to,
+# and the title that starts the report
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+LOAD_REPORT_TITLE = "LOAD REPORT"
+
+
+def from_pretrained_allowing(
+    model_class: type[PreTrainedModel], source: str, extra_key: Callable[[str], bool], **kwargs
+) -> PreTrainedModel:
+    """`model_class.from_pretrained(source, **kwargs)` without transformers' load-report warning when all it
+    reports is checkpoint keys the model has no place for and `extra_key(key)` accepts (tensors the caller reads
+    itself); any other finding (a missing, mismatched or other unexpected key, an error) logs the report as usual.
+
+    Holds the report back with a filter on transformers' private `transformers.modeling_utils` logger, recognised
+    by its "LOAD REPORT" title: no public option silences it for chosen keys (the class attribute
+    `_keys_to_ignore_on_load_unexpected` would need a subclass). The findings come from the public
+    `output_loading_info=True`."""
+    report_logger = logging.getLogger(LOAD_REPORT_LOGGER)
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if LOAD_REPORT_TITLE in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    info = None
+    report_logger.addFilter(hold)
+    try:
+        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(hold)
+        only_extra = (
+            info is not None and not info["missing_keys"] and not info["mismatched_keys"]
+            and not info["error_msgs"] and all(extra_key(key) for key in info["unexpected_keys"])
+        )
+        for record in () if only_extra else held:
+            report_logger.handle(record)
+    return model

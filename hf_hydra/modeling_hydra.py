@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import StoppingCriteriaList, StopStringCriteria
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, cached_file
@@ -165,7 +165,10 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the heads (`token`,
         `cache_dir` and `local_files_only` to the base too); other keyword arguments (e.g. `dtype`, `device_map`)
         go to the base model's `from_pretrained`. Also loads the heads published with the Hydra and Medusa papers
-        (their own layouts, see `reference_checkpoints.py`); `hf-hydra convert` saves them in ours.
+        (their own layouts, see `reference_checkpoints.py`); `hf-hydra convert` saves them in ours. A Medusa-1.0 /
+        Medusa-2 repo (heads inside a full model) is its own base: all Hub options apply to the base too. Reference
+        heads default to the references' tree (`mc_sim_7b_63`) where the base sits on an accelerator and to the
+        CPU tree where it sits on the CPU, chosen from the base's device here (a converted artifact keeps it).
         """
         if model_args:
             raise TypeError("HydraForCausalLM.from_pretrained takes no extra positional arguments.")
@@ -176,7 +179,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             config = reference.config if reference is not None else HydraConfig.from_pretrained(source, **hub_kwargs)
         loads_base = base_model is None
         if loads_base:
-            base_model = _load_base(config, hub_kwargs, **kwargs)
+            same_repo = reference is not None and reference.base_in_checkpoint
+            base_model = _load_base(config, hub_kwargs, same_repo=same_repo, **kwargs)
         else:
             hub.warn_if_base_differs(config, base_model)
         if prepack is None:
@@ -563,17 +567,17 @@ def _base_revision(base_model: PreTrainedModel, revision: str | None = None) -> 
     return hub.resolve_base_revision(base_model.name_or_path, revision)
 
 
-def _load_base(config: HydraConfig, hub_kwargs: dict, **kwargs) -> PreTrainedModel:
+def _load_base(config: HydraConfig, hub_kwargs: dict, same_repo: bool = False, **kwargs) -> PreTrainedModel:
+    """The base the heads' config names. same_repo: the base is the heads' own repo (a Medusa-1.0 / Medusa-2
+    model with the heads inside), so every Hub option of the heads (revision, subfolder, ...) is the base's too."""
     if not config.base_model_name_or_path:
         raise ValueError("The heads' config names no base model; pass base_model=... to from_pretrained.")
-    for name in ("token", "cache_dir", "local_files_only"):  # where and how to reach the Hub: the base's too
+    # where and how to reach the Hub: the base's too
+    for name in _HUB_KWARGS if same_repo else ("token", "cache_dir", "local_files_only"):
         if name in hub_kwargs:
             kwargs.setdefault(name, hub_kwargs[name])
-    return AutoModelForCausalLM.from_pretrained(
-        assets.local_model_source(config.base_model_name_or_path),
-        revision=config.base_model_revision,
-        **kwargs,
-    )
+    kwargs.setdefault("revision", config.base_model_revision)
+    return reference_checkpoints.load_base_model(assets.local_model_source(config.base_model_name_or_path), **kwargs)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,17 @@ heads by `load_reference_weights`, which refuses anything it cannot map exactly:
     Medusa {i}.{k}.linear.*                       head_arch "medusa": heads.{i}.blocks.{k}.linear.*
            {i}.{L}.weight                         heads.{i}.output.weight
     Medusa "version 2" (no {i}.{L}.weight)        head_arch "medusa", vocab_projection "shared" (the base lm_head)
+    Medusa-1.0 / Medusa-2 (heads in the model)    head_arch "medusa", the base loaded from the same repo
+           medusa_head.{i}.{k}.linear.*           heads.{i}.blocks.{k}.linear.*
+           medusa_head.{i}.{L}.weight             heads.{i}.output.weight
+           model.*, lm_head.weight                the base model's own weights
+
+Medusa-1.0 / Medusa-2 repos (FasterDecoding/medusa-1.0-*) are full models: a base config.json (with a model_type)
+that also carries `medusa_num_heads`, and the heads stored in the model weights beside the base's (one file,
+sharded safetensors or pytorch_model.bin). Their base is that repo (for Medusa-2 a base fine-tuned with the heads,
+so no other copy will do); `load_base_model` loads it without the `medusa_head.*` keys. A config with a model_type
+and `medusa_num_heads` but no such keys is a heads-only Medusa checkpoint (`medusa_lm_head.*`, the base named by
+`base_model_name_or_path`); a config with a model_type and no Medusa keys is a base model, not heads.
 
 Keys without a counterpart are checked, not dropped: `input_embed_fn.weight` must equal the base's input
 embedding (the reference heads read that copy), `...rotary_emb.inv_freq` must equal our prefix layer's, and
@@ -50,20 +61,23 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub.constants
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import cached_file
 
-from ._compat import cached_file_or_none
+from ._compat import cached_file_or_none, from_pretrained_allowing
 from .configuration_hydra import HydraConfig
 from .head_archs import HYDRA, HYDRA_PLUS_PLUS, MEDUSA
 from .hub import CONFIG_NAME, base_tokenizer_fingerprint, resolve_base_revision
+from .tree import DEFAULT_TREE_NAME, NAMED_TREES
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +86,29 @@ MEDUSA_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 _EMBED_COPY = "input_embed_fn.weight"
 _PREFIX_EMBED = "prefix_embeding_layer.embed_tokens.weight"
 _PREFIX_INV_FREQ = "prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq"
+REFERENCE_TREE_NAME = "mc_sim_7b_63"  # FasterDecoding/Medusa's default tree
+MEDUSA_IN_BASE = "medusa-in-base"
+MEDUSA_HEAD_PREFIX = "medusa_head."  # the heads' keys in a Medusa-1.0 / Medusa-2 model's weights
+# A model's weights, in the order transformers looks for them (an index names the shards).
+MODEL_WEIGHTS = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 
 
 @dataclass(frozen=True)
 class ReferenceCheckpoint:
     """A checkpoint in a reference layout, read but not yet mapped: `config` describes the equivalent heads."""
 
-    format: str  # "hydra-mlp" | "hydra-prefix-mlp" | "medusa" | "medusa-v2"
+    format: str  # "hydra-mlp" | "hydra-prefix-mlp" | "medusa" | "medusa-v2" | "medusa-in-base"
     source: str
     weights_file: str
     config: HydraConfig  # base sizes may be None where the checkpoint does not tell (filled from the base)
     state: dict[str, torch.Tensor]  # as stored: reference key names
+
+    @property
+    def base_in_checkpoint(self) -> bool:
+        """Whether the base model is the checkpoint's own repo (Medusa-1.0 / Medusa-2: heads inside the model)."""
+        return self.format == MEDUSA_IN_BASE
 
     def reference_key(self, key: str) -> str:
         """Our heads' state-dict key -> the reference key holding that tensor."""
@@ -119,10 +145,12 @@ def _key_map(fmt: str, num_layers: int) -> list[tuple[str, str | Callable[[re.Ma
             (r"^prefix_layer\.layer\.", "prefix_embeding_layer.layers.0."),
             (r"^prefix_layer\.norm\.", "prefix_embeding_layer.norm."),
         ]
-    # Medusa: nn.Sequential(block 0, ..., block L-1, Linear) per head ("version 2": no Linear).
+    # Medusa: nn.Sequential(block 0, ..., block L-1, Linear) per head ("version 2": no Linear), in the model's
+    # weights as the ModuleList `medusa_head`.
+    prefix = MEDUSA_HEAD_PREFIX if fmt == MEDUSA_IN_BASE else ""
     return [
-        (r"^heads\.(\d+)\.blocks\.(\d+)\.", r"\1.\2."),
-        (r"^heads\.(\d+)\.output\.", rf"\1.{num_layers}."),
+        (r"^heads\.(\d+)\.blocks\.(\d+)\.", rf"{prefix}\1.\2."),
+        (r"^heads\.(\d+)\.output\.", rf"{prefix}\1.{num_layers}."),
     ]
 
 
@@ -137,10 +165,12 @@ def read_reference_checkpoint(source: str, hub_kwargs: dict) -> ReferenceCheckpo
     if model_type == HydraConfig.model_type:
         return None
     if model_type:
-        raise ValueError(
-            f"{source} holds a {model_type!r} model, not draft heads: load it as the base model "
-            "(HydraForCausalLM.from_base(base) or from_pretrained(heads, base_model=base))."
-        )
+        if "medusa_num_heads" not in raw:
+            raise ValueError(
+                f"{source} holds a {model_type!r} model, not draft heads: load it as the base model "
+                "(HydraForCausalLM.from_base(base) or from_pretrained(heads, base_model=base))."
+            )
+        return _read_medusa_model(source, raw, hub_kwargs)
     if "hydra_head_arch" in raw:
         return _read_hydra(source, raw, hub_kwargs)
     if "medusa_num_heads" in raw:
@@ -202,39 +232,100 @@ def _read_hydra(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoint
     return ReferenceCheckpoint(fmt, source, weights_file, config, state)
 
 
-def _read_medusa(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoint:
-    weights_file = None
-    for name in MEDUSA_WEIGHTS:  # safetensors first: no pickle at all
+def _read_medusa_model(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoint:
+    """A Medusa config that is also a base model's config: the heads inside the model's weights (Medusa-1.0 /
+    Medusa-2, the base is this repo) or, without such keys, in a heads-only file beside it."""
+    found = _medusa_tensors_in_model(source, hub_kwargs)
+    if found is not None and found[1]:
+        weights_file, state = found
+        return _medusa_checkpoint(source, raw, MEDUSA_IN_BASE, weights_file, state, base=source,
+                                  base_model_revision=hub_kwargs.get("revision"))
+    if _medusa_weights_file(source, hub_kwargs) is not None:
+        return _read_medusa(source, raw, hub_kwargs)
+    where = f"its model weights ({found[0]}) hold" if found is not None else "it has no model weights and"
+    raise ValueError(
+        f"The config.json of {source} (a {raw['model_type']!r} model) has medusa_num_heads, but {where} no "
+        f"{MEDUSA_HEAD_PREFIX}* tensors, and there is no {' or '.join(MEDUSA_WEIGHTS)}: it holds no Medusa heads to "
+        "load. Load it as the base model (HydraForCausalLM.from_base, or from_pretrained(heads, base_model=...))."
+    )
+
+
+def _medusa_tensors_in_model(source: str, hub_kwargs: dict) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """The `medusa_head.*` tensors in `source`'s model weights, and the file(s) holding them (the index where none
+    does); None where `source` has no model weights. Reads only those tensors (safetensors headers, index files,
+    a memory-mapped pytorch_model.bin)."""
+    for name in MODEL_WEIGHTS:
+        path = cached_file_or_none(source, name, **hub_kwargs)
+        if path is not None:
+            break
+    else:
+        return None
+    files = [path]
+    if name.endswith(".index.json"):
+        weight_map = json.loads(Path(path).read_text())["weight_map"]
+        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(MEDUSA_HEAD_PREFIX)})
+        files = [_cached_file(source, shard, hub_kwargs) for shard in shards]
+    state = {}
+    for file in files:
+        state |= _medusa_tensors(file)
+    return ", ".join(files) or path, state
+
+
+def _medusa_tensors(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as weights:
+            return {key: weights.get_tensor(key) for key in weights.keys() if key.startswith(MEDUSA_HEAD_PREFIX)}
+    state = _load_pickle(path, mmap=True)  # a whole base model: map it, read only the heads
+    return {key: tensor for key, tensor in state.items() if key.startswith(MEDUSA_HEAD_PREFIX)}
+
+
+def _medusa_weights_file(source: str, hub_kwargs: dict) -> str | None:
+    """The heads-only Medusa weights file of `source`, safetensors first (no pickle at all); None without one."""
+    for name in MEDUSA_WEIGHTS:
         weights_file = cached_file_or_none(source, name, **hub_kwargs)
         if weights_file is not None:
-            break
+            return weights_file
+    return None
+
+
+def _read_medusa(source: str, raw: dict, hub_kwargs: dict) -> ReferenceCheckpoint:
+    weights_file = _medusa_weights_file(source, hub_kwargs)
     if weights_file is None:
         raise ValueError(f"{source} has a Medusa config.json but neither {' nor '.join(MEDUSA_WEIGHTS)}.")
     state = load_file(weights_file) if weights_file.endswith(".safetensors") else _load_pickle(weights_file)
+    fmt = "medusa-v2" if str(raw.get("version", "1")) == "2" else "medusa"
+    return _medusa_checkpoint(source, raw, fmt, weights_file, state)
+
+
+def _medusa_checkpoint(
+    source: str, raw: dict, fmt: str, weights_file: str, state: dict[str, torch.Tensor], **config
+) -> ReferenceCheckpoint:
+    """A Medusa checkpoint (`fmt` "medusa", "medusa-v2" or "medusa-in-base") of the stored `state`."""
+    prefix = MEDUSA_HEAD_PREFIX if fmt == MEDUSA_IN_BASE else ""
+    heads = {key.removeprefix(prefix): tensor for key, tensor in state.items()}  # keys "{i}.{k}...."
     layers = raw.get("medusa_num_layers", 1)
-    version2 = str(raw.get("version", "1")) == "2"
-    heads_in_file = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
+    version2 = fmt == "medusa-v2"
+    heads_in_file = sorted({int(k.split(".")[0]) for k in heads if k.split(".")[0].isdigit()})
     if version2:
         num_heads = raw["medusa_num_heads"]  # the reference "version 2" loader builds what the config says
     else:
-        # The reference loader builds 5 heads whatever the config says (its uploaded configs say 2); the file
-        # is the truth.
+        # The stored heads are the truth: the reference's heads-only loader builds 5 whatever the config says (its
+        # uploaded configs say 2), and its models with the heads inside keep the stored heads the config counts.
         num_heads = max(heads_in_file) + 1 if heads_in_file else 5
         if num_heads != raw["medusa_num_heads"]:
             logger.info("%s: config says %s Medusa heads, the weights hold %d; loading %d.",
                         source, raw["medusa_num_heads"], num_heads, num_heads)
-    d = state["0.0.linear.weight"].shape[0] if "0.0.linear.weight" in state else None
-    vocab = None if version2 or f"0.{layers}.weight" not in state else state[f"0.{layers}.weight"].shape[0]
-    fmt = "medusa-v2" if version2 else "medusa"
+    d = heads["0.0.linear.weight"].shape[0] if "0.0.linear.weight" in heads else None
+    vocab = None if version2 or f"0.{layers}.weight" not in heads else heads[f"0.{layers}.weight"].shape[0]
     config = _reference_config(
         raw, fmt, source, head_arch=MEDUSA.name, num_heads=num_heads, num_layers=layers,
-        base_hidden_size=d, base_vocab_size=vocab, vocab_projection="shared" if version2 else "per_head",
+        base_hidden_size=d, base_vocab_size=vocab, vocab_projection="shared" if version2 else "per_head", **config,
     )
     return ReferenceCheckpoint(fmt, source, weights_file, config, state)
 
 
-def _reference_config(raw: dict, fmt: str, source: str, **kwargs) -> HydraConfig:
-    base = raw.get("base_model_name_or_path")
+def _reference_config(raw: dict, fmt: str, source: str, base: str | None = None, **kwargs) -> HydraConfig:
+    base = base or raw.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"The config.json of {source} names no base model (base_model_name_or_path).")
     return HydraConfig(
@@ -245,10 +336,11 @@ def _reference_config(raw: dict, fmt: str, source: str, **kwargs) -> HydraConfig
     )
 
 
-def _load_pickle(path: str) -> dict[str, torch.Tensor]:
-    """A torch pickle of a plain state dict, read with weights_only=True: never executes code from the file."""
+def _load_pickle(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A torch pickle of a plain state dict, read with weights_only=True: never executes code from the file.
+    mmap: map the tensors instead of reading them (a file torch.save wrote as a zip; older ones are read)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for anything but plain tensors
         raise ValueError(
             f"{path} could not be read as a plain tensor state dict with torch.load(weights_only=True) ({error}); "
@@ -261,18 +353,43 @@ def _load_pickle(path: str) -> dict[str, torch.Tensor]:
 
 def config_for_base(checkpoint: ReferenceCheckpoint, base_model: PreTrainedModel) -> HydraConfig:
     """The checkpoint's config completed from the base: sizes the file does not tell (Medusa version 2 has no
-    projection), the base's revision and tokenizer fingerprint (so a converted artifact records them)."""
+    projection), the base's revision and tokenizer fingerprint (so a converted artifact records them), and the
+    default tree for the base's device (`reference_tree`)."""
     config = checkpoint.config
     text_config = base_model.config.get_text_config()
     if config.base_hidden_size is None:
         config.base_hidden_size = text_config.hidden_size
     if config.base_vocab_size is None:
         config.base_vocab_size = base_model.get_output_embeddings().weight.shape[0]
-    if config.base_model_revision is None:
-        config.base_model_revision = resolve_base_revision(base_model.name_or_path)
+    config.base_model_revision = resolve_base_revision(base_model.name_or_path, config.base_model_revision)
+    config.tree = reference_tree(base_model.device, config.num_heads)
     if getattr(config, "base_tokenizer_fingerprint", None) is None:
         config.base_tokenizer_fingerprint = base_tokenizer_fingerprint(base_model)
     return config
+
+
+def reference_tree(device: torch.device, num_heads: int) -> str | list[list[int]]:
+    """The default tree of reference heads on a base on `device`: the references' own `mc_sim_7b_63` (63 nodes,
+    what their heads were tuned and measured with) on an accelerator, where verifying 64 tokens costs about one
+    token's step; the CPU tree on a CPU, where it costs several. Cut to `num_heads` where the tree is deeper."""
+    name = DEFAULT_TREE_NAME if device.type == "cpu" else REFERENCE_TREE_NAME
+    paths = NAMED_TREES[name]
+    if max(len(path) for path in paths) <= num_heads:
+        return name
+    return [list(path) for path in paths if len(path) <= num_heads]
+
+
+def load_base_model(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)`, quiet about Medusa heads stored in the
+    model's own weights (`medusa_head.*` of Medusa-1.0 / Medusa-2 repos: `load_reference_weights` reads them, the
+    base has no place for them); transformers' load report still appears for anything else. A pickled
+    pytorch_model.bin is read with weights_only=True only."""
+    if kwargs.get("weights_only") is False:
+        raise ValueError("weights_only=False: hf_hydra never unpickles arbitrary objects; leave weights_only at True.")
+    return from_pretrained_allowing(
+        AutoModelForCausalLM, name_or_path, lambda key: key.startswith(MEDUSA_HEAD_PREFIX),
+        **{**kwargs, "weights_only": True},
+    )
 
 
 def load_reference_weights(model, checkpoint: ReferenceCheckpoint) -> None:
