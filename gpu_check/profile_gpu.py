@@ -43,7 +43,7 @@ from hf_hydra import HydraForCausalLM, assets
 from hf_hydra.attention import use_packed_gqa_attention
 from hf_hydra.bench import machine_info
 from hf_hydra.cache_name import cache_argument
-from hf_hydra.decoding import STEP_PHASES
+from hf_hydra.sequence_steps import STEP_PHASES
 from hf_hydra.tree import MC_SIM_7B_63, NAMED_TREES, TreeBuffers, build_tree_buffers, expected_tau, resolve_tree
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from . import assets
 from ._version import __version__
 from .configuration_hydra import HydraConfig
-from .decoding import HydraGenerateOutput, SpeculationStats, context_speculative_generate
+from .decoding import context_speculative_generate
 from .modeling_hydra import HydraForCausalLM
+from .sequence_steps import HydraGenerateOutput, SpeculationStats
 
 AutoConfig.register("hydra", HydraConfig)
 AutoModelForCausalLM.register(HydraConfig, HydraForCausalLM)

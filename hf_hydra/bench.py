@@ -32,12 +32,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ._version import __version__
 from .acceptance import TYPICAL
 from .bench_table import AUTOREGRESSIVE
-from .decoding import STEP_PHASES, SpeculationStats, context_speculative_generate
+from .decoding import context_speculative_generate
 from .divergence import first_divergence
 from .head_archs import HEAD_ARCHS, HYDRA
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name, packed_kernel
 from .roofline import describe_cpu
+from .sequence_steps import STEP_PHASES, SpeculationStats
 from .tree import DYNAMIC_TREE, TreeSpec, resolve_tree, static_default
 
 SCHEMA_VERSION = 1

@@ -12,94 +12,24 @@ logits processors and stopping criteria; this module does the rest.
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
-from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from . import support
-from .acceptance import Acceptance, AcceptanceRule, acceptance_rule
+from .acceptance import acceptance_rule
+from .batch_decoding import BatchRequest, batch_tree_generate, check_batch_request
 from .cache_name import CACHE_NAME, cache_argument
 from .dynamic_tree import DynamicTreePolicy
 from .heads import DraftHeads
-from .processors import check_processors_supported, next_token_scores, node_scores
+from .processors import check_processors_supported, next_token_scores
+from .sequence_steps import HydraGenerateOutput, PhaseTimer, SpeculationStats, accept, append_until_stop
 from .step_drafts import StepDrafter, check_sources
 from .tree import TreeBuffers
 from .verification import check_cache_supported, keep_accepted, verify_tree
-
-
-@dataclass(frozen=True)
-class SpeculationStats:
-    """Per-call statistics. tau counts the tokens appended per base verification step, bonus included."""
-
-    steps: int  # base verification forwards after the prefill
-    new_tokens: int  # tokens generated, the prefill's first token included
-    accepted_lengths: tuple[int, ...]  # tokens appended by each step (accepted drafts + bonus, cut at a stop)
-    accepted_drafts: int = 0  # drafted tokens accepted and appended (the new tokens but the bonus ones)
-    context_tokens: int = 0  # of those, the ones only the context candidates proposed (not the heads)
-    phase_seconds: dict[str, float] = field(default_factory=dict, compare=False)  # wall time per phase, summed
-
-    @property
-    def tau(self) -> float:
-        """Mean accepted length (>= 1); nan when no verification step ran."""
-        return sum(self.accepted_lengths) / self.steps if self.steps else float("nan")
-
-    @property
-    def overhead_fraction(self) -> float:
-        """Share of the decoding steps' time spent outside the base's verification forward (drafting,
-        acceptance, bookkeeping)."""
-        step = sum(v for k, v in self.phase_seconds.items() if k in STEP_PHASES)
-        return 1.0 - self.phase_seconds.get("verify", 0.0) / step if step else float("nan")
-
-
-STEP_PHASES = ("draft", "verify", "accept", "commit")
-
-
-class PhaseTimer:
-    """Sums time per named phase without synchronising the host with the device.
-
-    On the CPU: wall time. On CUDA: the device's timeline between events recorded where each phase starts and
-    ends, so asynchronous GPU work is charged to the phase that launched it while the loop's own control flow stays
-    the only thing that waits for the device; `totals` reads the events once, at the end of the call."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.on_cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        if self.on_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((phase, start, end))
-            return
-        start_time = time.perf_counter()
-        yield
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start_time
-
-    def totals(self) -> dict[str, float]:
-        """Seconds per phase, summed over the call (on CUDA: one synchronisation, here)."""
-        if self.events:
-            self.events[-1][2].synchronize()
-            for phase, start, end in self.events:
-                self.seconds[phase] = self.seconds.get(phase, 0.0) + start.elapsed_time(end) / 1000
-            self.events = []
-        return self.seconds
-
-
-@dataclass
-class HydraGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate(..., return_dict_in_generate=True)` output, plus the speculation statistics."""
-
-    speculation: SpeculationStats | None = None
 
 
 @dataclass(frozen=True)
@@ -185,33 +115,6 @@ def prefill(
     return Prefill(logits=out.logits[0, -1], context=context)
 
 
-def accept(
-    rule: AcceptanceRule,
-    tokens: torch.Tensor,
-    logits: torch.Tensor,
-    sequence: torch.Tensor,
-    tree: TreeBuffers,
-    logits_processor: LogitsProcessorList,
-    generator: torch.Generator | None,
-) -> Acceptance:
-    """Score every node with its own prefix (logits processors), then apply the call's acceptance rule.
-    tokens: (T,) drafted tree; logits: (T, V) the verification's; sequence: (1, S) ends with the root."""
-    scores = node_scores(logits, sequence, tokens, tree, logits_processor)  # (T, V)
-    return rule.accept(tokens, scores, tree, generator)
-
-
-def append_until_stop(
-    sequence: torch.Tensor, new_tokens: torch.Tensor, stopping_criteria: StoppingCriteriaList
-) -> tuple[torch.Tensor, bool]:
-    """Append new tokens (n,) to sequence (1, S) one at a time, stopping at the first token after which a
-    stopping criterion (EOS, max length, stop strings, ...) fires, exactly as one-token decoding would."""
-    for count in range(1, new_tokens.shape[0] + 1):
-        candidate = torch.cat([sequence, new_tokens[None, :count]], dim=1)
-        if bool(stopping_criteria(candidate, None).any()):
-            return candidate, True
-    return torch.cat([sequence, new_tokens[None]], dim=1), False
-
-
 def tree_speculative_generate(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -256,6 +159,12 @@ def tree_speculative_generate(
     if cache is None:  # use_cache=False: speculation verifies against the cache all the same
         cache = DynamicCache(config=model.config)
     support.check_cache(cache, support.TREE)
+    if input_ids.shape[0] > 1:
+        check_batch_request(model, model_kwargs, streamer)
+        request = BatchRequest(sources, heads, tree, rule, logits_processor, stopping_criteria, generator)
+        return batch_tree_generate(
+            model, input_ids, model_kwargs.get("attention_mask"), cache, request, generation_config
+        )
     prompt = Prompt.from_generate(input_ids, model_kwargs)
     drafter = StepDrafter(
         sources, heads, tree, model.get_input_embeddings(), support.position_limits(model.config),

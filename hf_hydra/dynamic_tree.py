@@ -23,6 +23,7 @@ before the step's verification: greedy output stays plain greedy's and lossless 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -150,6 +151,20 @@ class DynamicTreePolicy:
         expanded."""
         per_node = (self.verify_cost[-1] - self.verify_cost[0]) / (len(self.verify_cost) - 1)
         return max(self.min_score, per_node / (self.verify_cost[-1] + self.overhead))
+
+    def for_rows(self, rows: int) -> DynamicTreePolicy:
+        """The policy of one of `rows` rows verified together, each with a tree of the same size: m nodes in
+        every row cost the curve's rows * m tokens, shared by the rows (a row's share: verify_cost[rows * m - 1]
+        / rows). The curve ends where rows * m passes its end (at least two entries: extended linearly)."""
+        if rows == 1:
+            return self
+        cost, last = self.verify_cost, len(self.verify_cost)
+        slope = cost[-1] - cost[-2]
+        shared = tuple(
+            (cost[rows * m - 1] if rows * m <= last else cost[-1] + slope * (rows * m - last)) / rows
+            for m in range(1, max(2, last // rows) + 1)
+        )
+        return dataclasses.replace(self, verify_cost=shared)
 
     def best_size(self, sorted_scores: Sequence[float]) -> int:
         """How many of the nodes (scores sorted in decreasing order) to verify: the count maximising

@@ -57,8 +57,18 @@ class Limitation:
 
 LIMITATIONS: dict[str, Limitation] = {
     "batch": Limitation(
-        "batches of more than one prompt", BOTH,
-        "both loops accept one path per step for one sequence", "Loop over the prompts",
+        "batches of more than one prompt", (ASSISTED,),
+        "transformers' assisted loop accepts one path per step for one sequence",
+        "Use speculative=True (its rows are verified together in one forward), or loop over the prompts",
+    ),
+    "batch_rope": Limitation(
+        "batches of more than one prompt on a base with dynamic or longrope RoPE", (TREE,),
+        "transformers picks those frequencies from the largest position in a forward, so one row's tokens "
+        "would depend on the other rows' lengths", "Loop over the prompts",
+    ),
+    "batch_embeds": Limitation(
+        "batches of more than one prompt given as `inputs_embeds`", (TREE,),
+        "each row's drafts and stopping criteria read its token ids", "Pass input_ids, or loop over the prompts",
     ),
     "search": Limitation(
         "beam search, beam sampling, group or constrained beam search, contrastive search, DoLa and "
@@ -157,7 +167,7 @@ def check_generation_request(generation_config: GenerationConfig, batch_size: in
     mode = generation_config.get_generation_mode()  # before the batch: generate expands the batch for beams
     if mode not in SPECULATIVE_MODES or (generation_config.num_return_sequences or 1) > 1:
         raise refuse("search", path, _mode_name(generation_config, mode))
-    if batch_size != 1:
+    if batch_size != 1 and path == ASSISTED:
         raise refuse("batch", path, f"got {batch_size}")
     if generation_config.cache_implementation not in (None, "dynamic"):
         raise refuse("cache", path, f"cache_implementation={generation_config.cache_implementation!r}")

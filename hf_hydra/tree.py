@@ -318,6 +318,24 @@ def tree_attention_mask(
     return additive_mask(allowed, dtype)[None, None]
 
 
+def batched_tree_attention_mask(
+    trees: Sequence[TreeBuffers], visible: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive float mask (B, 1, T, S + T) for verifying row b's tree after the S cache entries of a batch, T the
+    largest tree: row b's nodes see its visible entries (`visible`: (B, S) bool; padding and holes are not) and
+    their own ancestors; the nodes padding a smaller tree to T see only themselves (a query must see something)."""
+    rows, past = visible.shape
+    size = max(tree.num_tokens for tree in trees)
+    allowed = torch.zeros(rows, size, past + size, dtype=torch.bool, device=visible.device)
+    allowed[:, :, :past] = visible[:, None, :]
+    allowed[:, :, past:] = torch.eye(size, dtype=torch.bool, device=visible.device)
+    for row, tree in enumerate(trees):
+        nodes = tree.num_tokens
+        allowed[row, :nodes, past : past + nodes] = tree.attention_mask
+        allowed[row, nodes:, :past] = False
+    return additive_mask(allowed, dtype)[:, None]
+
+
 # --------------------------------------------------------------------------------------------------
 # Tree search: the best tree for measured head accuracies and a measured latency profile.
 

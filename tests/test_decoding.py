@@ -609,7 +609,6 @@ class _KeepScores(LogitsProcessor):
 
 BATCH_OF_TWO = torch.tensor([[1, 2, 3], [4, 5, 6]])
 REFUSED: dict[str, tuple[str, dict]] = {
-    "batch": ("batches of more than one prompt", {"prompt": BATCH_OF_TWO}),
     "beams": ("beam search", {"num_beams": 2}),
     "return_sequences": ("num_return_sequences", {"num_return_sequences": 2}),
     "custom_logits_processor": ("row-wise.*_KeepScores", {"logits_processor": LogitsProcessorList([_KeepScores()])}),
