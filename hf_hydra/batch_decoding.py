@@ -34,7 +34,7 @@ from .acceptance import Acceptance, AcceptanceRule
 from .cache_name import cache_argument
 from .dynamic_tree import DynamicTreePolicy
 from .heads import DraftHeads
-from .processors import next_token_scores
+from .processors import next_token_scores, processors_for_row
 from .sequence_steps import HydraGenerateOutput, PhaseTimer, SpeculationStats, accept, append_until_stop
 from .step_drafts import StepDraft, StepDrafter
 from .tree import TreeBuffers
@@ -53,6 +53,7 @@ class Row:
     heads_context: torch.Tensor | None  # (d,)
     root: torch.Tensor  # () the last token, not yet in the cache: the next tree grows from it
     finished: bool
+    logits_processor: LogitsProcessorList  # the call's, for this row (`processors_for_row`)
     accepted_lengths: list[int] = field(default_factory=list)
     accepted_drafts: int = 0
     context_tokens: int = 0
@@ -124,7 +125,7 @@ def batch_tree_generate(
         with timer("accept"):
             accepted = [
                 accept(request.rule, d.tokens, verified.logits[b, : d.tree.num_tokens], row.sequence, d.tree,
-                       request.logits_processor, request.generator)
+                       row.logits_processor, request.generator)
                 for b, (row, d) in enumerate(zip(rows, drafts, strict=True))
             ]  # fmt: skip
         with timer("commit"):
@@ -184,10 +185,11 @@ def _first_row(
         context_cache = heads.new_context_cache()
         positions = torch.arange(length, device=prompt.device)[None]  # (1, n)
         heads_context = heads.encode_context(hidden[visible][None], positions, context_cache)[0, -1]  # (d,)
-    root = request.rule.first_token(next_token_scores(logits, prompt, request.logits_processor), request.generator)
+    processors = processors_for_row(request.logits_processor, index)
+    root = request.rule.first_token(next_token_scores(logits, prompt, processors), request.generator)
     sequence, finished = append_until_stop(prompt, root[None], request.stopping_criteria)
     drafter.observe(prompt[0, visible].tolist() + [int(root)], [])
-    return Row(index, sequence, length, drafter, context_cache, heads_context, root, finished)
+    return Row(index, sequence, length, drafter, context_cache, heads_context, root, finished, processors)
 
 
 def _drop_finished(

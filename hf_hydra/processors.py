@@ -125,6 +125,20 @@ def node_scores(
     return out
 
 
+def processors_for_row(logits_processor: LogitsProcessorList, row: int) -> LogitsProcessorList:
+    """The processors a batched `generate` built, for its row `row` alone: RepetitionPenaltyLogitsProcessor
+    holds every row's prompt padding (a (B,) `prompt_ignore_length`), the row keeps its own; the other row-wise
+    processors hold nothing per row."""
+    return LogitsProcessorList(_row_repetition_penalty(processor, row) for processor in logits_processor)
+
+
+def _row_repetition_penalty(processor: LogitsProcessor, row: int) -> LogitsProcessor:
+    ignore = prompt_ignore_lengths(processor)
+    if type(processor) is not RepetitionPenaltyLogitsProcessor or ignore is None:
+        return processor
+    return with_prompt_ignore_lengths(processor, ignore[row : row + 1])
+
+
 def _for_rows(logits_processor: LogitsProcessorList, rows: int) -> LogitsProcessorList:
     """The processors for a batch of `rows` prefixes of the one prompt they were built for. generate builds
     RepetitionPenaltyLogitsProcessor with a (1,) tensor `prompt_ignore_length` (the prompt's padding);
@@ -139,5 +153,5 @@ def _expanded_repetition_penalty(processor: LogitsProcessor, rows: int) -> Logit
     if type(processor) is not RepetitionPenaltyLogitsProcessor or ignore is None:
         return processor
     if ignore.shape[0] != 1:
-        raise ValueError("speculative=True supports batch size 1 only.")
+        raise ValueError("internal: node_scores takes the processors of one row (processors_for_row).")
     return with_prompt_ignore_lengths(processor, ignore.expand(rows))

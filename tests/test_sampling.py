@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from sampling_stats import chi_square_p_value
+from sampling_stats import chi_square_p_value, exact_first_three
 from transformers import GenerationConfig, PreTrainedModel
 
 from hf_hydra import HydraForCausalLM, HydraGenerateOutput, acceptance
@@ -73,27 +73,6 @@ def _stat_model(
     # flat cost: trees as big as the heads' 2 children of 2 nodes per depth allow, and the context's
     model.dynamic_tree = DynamicTreePolicy(tuple(1.0 + 0.02 * m for m in range(32)), children=2, width=2)
     return model
-
-
-def exact_first_three(base: PreTrainedModel, prompt: torch.Tensor, **sampling) -> torch.Tensor:
-    """(V, V, V) joint distribution of the first three tokens of plain sampling, from generate's own
-    processed scores (one batched call per length, all continuations as rows)."""
-    vocab = base.config.vocab_size
-    tokens = torch.arange(vocab)
-    rows = (
-        prompt,
-        torch.cat([prompt.expand(vocab, -1), tokens[:, None]], dim=1),  # (V, L + 1)
-        torch.cat([prompt.expand(vocab * vocab, -1), torch.cartesian_prod(tokens, tokens)], dim=1),  # (V^2, L + 2)
-    )
-    steps = []
-    for batch in rows:
-        out = base.generate(
-            batch, attention_mask=torch.ones_like(batch), do_sample=True, max_new_tokens=1,
-            output_scores=True, return_dict_in_generate=True, **sampling,
-        )  # fmt: skip
-        steps.append(out.scores[0].softmax(dim=-1))  # (rows, V)
-    first, second, third = steps
-    return first[0][:, None, None] * second[:, :, None] * third.reshape(vocab, vocab, vocab)
 
 
 def speculative_first_three(
