@@ -16,6 +16,7 @@ sampling draws from (the base's logits / temperature), a quality check for the l
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import os
 import platform
@@ -23,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 import transformers
@@ -238,6 +240,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+T = TypeVar("T")
+
+
+def timed(call: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """`call()` and its wall time in seconds, the device synchronised before and after, so that the time covers
+    the call's own work: none queued before it, all of its own."""
+    _synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
 def spread_over_categories(questions: Sequence[dict], limit: int | None = None) -> list[dict]:
     """The first `limit` questions taken round-robin over the categories (one of each category first), so
     a small `--limit` still covers every category; all of them, in that order, when `limit` is None."""
@@ -366,11 +381,7 @@ def _bench_prompt(
     for method, runner in runners.items():
         if temperature is not None:
             torch.manual_seed(seed + question["question_id"])
-        _synchronize(input_ids.device)
-        start = time.perf_counter()
-        sequence, stats = runner(input_ids, max_new_tokens)
-        _synchronize(input_ids.device)
-        seconds = time.perf_counter() - start
+        (sequence, stats), seconds = timed(functools.partial(runner, input_ids, max_new_tokens), input_ids.device)
         if reference is None:
             reference = sequence
         if temperature is None:

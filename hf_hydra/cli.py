@@ -201,9 +201,15 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_OUT = "bench/bench.json"
+BATCH_BENCH_OUT = "bench/batch/bench.json"
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from . import bench, bench_report, bench_table
 
+    if args.batch_size:
+        _check_batch_bench_options(args)
     base_path = args.base or assets.default_base_model_path()
     device = torch.device(args.device)
     base = AutoModelForCausalLM.from_pretrained(base_path).to(device).eval()
@@ -226,6 +232,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.tree:
         bench.use_tree(heads, args.tree)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if args.batch_size:
+        return _run_batch_bench(args, base, tokenizer, heads, fast_base)
     typical = [label + bench.TYPICAL_SUFFIX for label in heads] if args.temperature is not None else []
     prepacked = [bench.AUTOREGRESSIVE_PREPACKED] if fast_base is not None else []
     peers = [m for m in bench.ALL_METHODS if m not in (bench.AUTOREGRESSIVE, *bench.TREE_METHODS)]
@@ -247,8 +255,48 @@ def run_bench(args: argparse.Namespace) -> int:
         base, tokenizer, heads, questions, methods, args.max_new_tokens, args.turn, args.temperature, args.seed,
         prepacked_base=fast_base, stock_heads=stock_heads,
     )
-    written = bench_report.write_report(report, args.out)
+    written = bench_report.write_report(report, args.out or BENCH_OUT)
     print(bench_table.markdown_table(report))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def batch_sizes(text: str) -> list[int]:
+    """`--batch-size 1,2,4,8`: distinct positive batch sizes, in the order given."""
+    words = text.split(",")
+    if not all(word.strip().isdigit() and int(word) > 0 for word in words):
+        raise argparse.ArgumentTypeError(f"--batch-size takes positive integers separated by commas; got {text!r}")
+    sizes = [int(word) for word in words]
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"--batch-size lists a size twice: {text!r}")
+    return sizes
+
+
+def _check_batch_bench_options(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, the per-prompt benchmark's options the batch benchmark has no use for."""
+    unused = [flag for flag, value in (("--temperature", args.temperature), ("--shard", args.shard)) if value]
+    if unused:
+        raise SystemExit(f"bench --batch-size is greedy, in one process: drop {', '.join(unused)}.")
+
+
+def _run_batch_bench(
+    args: argparse.Namespace,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heads: dict[str, HydraForCausalLM],
+    fast_base: PreTrainedModel | None,
+) -> int:
+    """`bench --batch-size`: plain batched generate against each heads set's, per batch size (`bench_batch`)."""
+    from . import bench, bench_batch
+
+    questions = bench.spread_over_categories(assets.mt_bench_questions(), args.limit)
+    methods = args.methods.split(",") if args.methods else None
+    report = bench_batch.run_batch_bench(
+        base, tokenizer, heads, questions, args.batch_size, methods, args.max_new_tokens, args.turn,
+        prepacked_base=fast_base,
+    )
+    written = bench_batch.write_batch_report(report, args.out or BATCH_BENCH_OUT)
+    print(bench_batch.markdown_batch_table(report))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -522,7 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
         "autoregressive_prepacked",
     )
     bench_parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
-    bench_parser.add_argument("--out", default="bench/bench.json", help="JSON path; .md and PNGs go beside it")
+    bench_parser.add_argument(
+        "--batch-size", type=batch_sizes, metavar="B[,B...]",
+        help="batch benchmark instead: total tokens/s of each heads set's generate(speculative=True) against plain "
+        "batched generate on left-padded batches of B prompts, per B (e.g. 1,2,4,8; greedy, one process); methods: "
+        "autoregressive, autoregressive_prepacked and the heads labels",
+    )
+    bench_parser.add_argument(
+        "--out", help=f"JSON path; .md and PNGs go beside it (default {BENCH_OUT}, with --batch-size {BATCH_BENCH_OUT})"
+    )
     bench_parser.set_defaults(func=run_bench)
 
     merge = commands.add_parser("bench-merge", help="one report (JSON, table, plots) from `bench --shard` reports")
