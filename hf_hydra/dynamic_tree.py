@@ -112,6 +112,17 @@ def _non_decreasing(values: torch.Tensor, weights: torch.Tensor) -> tuple[float,
     return tuple(mean for mean, _, count in blocks for _ in range(count))
 
 
+def shared_verify_cost(cost: Sequence[float], rows: int) -> list[float]:
+    """One row's share of a verification curve when `rows` rows, each with a tree of the same size, are verified
+    in one forward: m nodes per row cost the curve's rows * m tokens, shared by the rows (cost[rows * m - 1] /
+    rows). The curve ends where rows * m passes its end (at least two entries: extended linearly)."""
+    last, slope = len(cost), cost[-1] - cost[-2]
+    return [
+        (cost[rows * m - 1] if rows * m <= last else cost[-1] + slope * (rows * m - last)) / rows
+        for m in range(1, max(2, last // rows) + 1)
+    ]
+
+
 @dataclass(frozen=True)
 class DynamicTreePolicy:
     """How a step's dynamic tree is drafted and how big it may grow.
@@ -153,18 +164,10 @@ class DynamicTreePolicy:
         return max(self.min_score, per_node / (self.verify_cost[-1] + self.overhead))
 
     def for_rows(self, rows: int) -> DynamicTreePolicy:
-        """The policy of one of `rows` rows verified together, each with a tree of the same size: m nodes in
-        every row cost the curve's rows * m tokens, shared by the rows (a row's share: verify_cost[rows * m - 1]
-        / rows). The curve ends where rows * m passes its end (at least two entries: extended linearly)."""
+        """The policy of one of `rows` rows verified together (`shared_verify_cost`)."""
         if rows == 1:
             return self
-        cost, last = self.verify_cost, len(self.verify_cost)
-        slope = cost[-1] - cost[-2]
-        shared = tuple(
-            (cost[rows * m - 1] if rows * m <= last else cost[-1] + slope * (rows * m - last)) / rows
-            for m in range(1, max(2, last // rows) + 1)
-        )
-        return dataclasses.replace(self, verify_cost=shared)
+        return dataclasses.replace(self, verify_cost=tuple(shared_verify_cost(self.verify_cost, rows)))
 
     def best_size(self, sorted_scores: Sequence[float]) -> int:
         """How many of the nodes (scores sorted in decreasing order) to verify: the count maximising

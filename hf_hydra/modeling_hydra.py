@@ -33,7 +33,7 @@ from .attention import use_packed_gqa_attention
 from .cache_name import CACHE_NAME, cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
-from .dynamic_tree import DynamicTreePolicy, HeadCalibration
+from .dynamic_tree import DynamicTreePolicy, HeadCalibration, shared_verify_cost
 from .head_archs import DEFAULT_HEAD_ARCH
 from .heads import DraftHeads, build_heads
 from .prepack import (
@@ -93,7 +93,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         self.base_prepack: PrepackReport | None = None  # what prepack_base packed, None while the base is stock
         # why no tree pays on this machine (then default speculative calls decode plainly), None where one does
         self.plain_is_faster: str | None = None
-        self._said_plain = False
+        self._fitted: tuple[list[list[float]], list[float]] | None = None  # rank accuracy, this machine's curve
+        self._said_plain: set[str] = set()
         use_packed_gqa_attention(base_model)  # sdpa without copying the KV cache in tree verification (exact)
         # One GenerationConfig object for the wrapper and the base: every mode reads the same defaults.
         self.generation_config = base_model.generation_config = speculative_generation_config(
@@ -224,6 +225,16 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             seconds = machine_forward_seconds(self.base_lm)
             self.dynamic_tree = dynamic_tree_policy(record, seconds)
         self.plain_is_faster = _plain_is_faster(record.get("rank_accuracy"), seconds)
+        self._fitted = (record["rank_accuracy"], list(seconds)) if record.get("rank_accuracy") else None
+
+    def plain_is_faster_for(self, rows: int) -> str | None:
+        """`plain_is_faster` for a batch of `rows` prompts: the rows share each verification forward, so a tree
+        costs its share of the curve at rows times its size (`shared_verify_cost`) while drafting stays per row;
+        on CPUs plain batched decoding often wins from a few rows on."""
+        if rows == 1 or self._fitted is None:
+            return self.plain_is_faster
+        rank_accuracy, seconds = self._fitted
+        return _plain_is_faster(rank_accuracy, shared_verify_cost(seconds, rows), seconds[0], rows)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, benchmark: str | os.PathLike | None = None, **kwargs
@@ -353,7 +364,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             decode = functools.partial(assisted_decoding, streamer=streamer)
             with _stop_strings_hidden(defaults, stop_strings_moved):
                 return super().generate(inputs, custom_generate=decode, **self._assisted_cache(kwargs), **kwargs)
-        if speculative is True and tree is None and self._decodes_plainly(kwargs):
+        if speculative is True and tree is None and self._decodes_plainly(kwargs, _batch_size(inputs, kwargs)):
             with _stop_strings_hidden(defaults, stop_strings_moved):
                 return self.base_lm.generate(inputs, streamer=streamer, **kwargs)
         drafted = self._drafted_tree(tree, kwargs.get("generation_config") or self.generation_config)
@@ -363,16 +374,16 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         with _stop_strings_hidden(defaults, stop_strings_moved):
             return self.base_lm.generate(inputs, custom_generate=decode, **kwargs)
 
-    def _decodes_plainly(self, kwargs: dict) -> bool:
-        """Whether this default speculative call decodes plainly: no tree pays on this machine
-        (`plain_is_faster`, set when the heads were fitted to it) and the call asks for nothing that only
-        the tree loop does. Said once per model."""
-        if self.plain_is_faster is None or TREE_ONLY_OPTIONS & kwargs.keys():
+    def _decodes_plainly(self, kwargs: dict, rows: int) -> bool:
+        """Whether this default speculative call decodes plainly: no tree pays on this machine for this many
+        rows (`plain_is_faster_for`, from the curve the heads were fitted to) and the call asks for nothing that
+        only the tree loop does. Said once per model and reason."""
+        reason = self.plain_is_faster_for(rows)
+        if reason is None or TREE_ONLY_OPTIONS & kwargs.keys():
             return False
-        if not self._said_plain:
-            logger.warning("%s generate(speculative=True) decodes plainly; pass tree= to speculate anyway.",
-                           self.plain_is_faster)
-            self._said_plain = True
+        if reason not in self._said_plain:
+            logger.warning("%s generate(speculative=True) decodes plainly; pass tree= to speculate anyway.", reason)
+            self._said_plain.add(reason)
         return True
 
     def _assisted_cache(self, kwargs: dict) -> dict:
@@ -624,20 +635,35 @@ PLAIN_DECODING_OVERHEAD = 0.15  # a step's drafting and bookkeeping, in one-toke
 PLAIN_DECODING_THRESHOLD = 0.9
 
 
-def _plain_is_faster(rank_accuracy: list[list[float]] | None, verify_seconds: list[float]) -> str | None:
-    """Why no tree of these heads pays on this curve (the best expected speed-up is below 0.9), or None."""
+def _plain_is_faster(
+    rank_accuracy: list[list[float]] | None,
+    verify_seconds: list[float],
+    drafting_unit: float | None = None,
+    rows: int = 1,
+) -> str | None:
+    """Why no tree of these heads pays on this curve (the best expected speed-up is below 0.9), or None.
+    verify_seconds: a row's cost of verifying 1, 2, ... tokens (for a batch: its share, `shared_verify_cost`);
+    drafting_unit: the one-token forward the drafting overhead is counted in (default: verify_seconds[0])."""
     if not rank_accuracy:
         return None
     one_token = verify_seconds[0]
-    choice = choose_tree(rank_accuracy, verify_seconds, lambda paths: PLAIN_DECODING_OVERHEAD * one_token)
+    overhead = PLAIN_DECODING_OVERHEAD * (one_token if drafting_unit is None else drafting_unit)
+    choice = choose_tree(rank_accuracy, verify_seconds, lambda paths: overhead)
     speedup = choice.expected_tokens_per_second * one_token
     if speedup >= PLAIN_DECODING_THRESHOLD:
         return None
+    batch = f" with {rows} prompts per forward" if rows > 1 else ""
     return (
-        f"On this machine a forward over {len(choice.paths) + 1} tokens costs "
-        f"{verify_seconds[len(choice.paths)] / one_token:.2f}x a one-token forward: the best tree of these heads "
-        f"(expected tau {choice.expected_tau:.2f}) would be {speedup:.2f}x plain decoding."
+        f"On this machine{batch} a forward over {len(choice.paths) + 1} tokens per prompt costs "
+        f"{verify_seconds[len(choice.paths)] / one_token:.2f}x one over a single token per prompt: the best tree of "
+        f"these heads (expected tau {choice.expected_tau:.2f}) would be {speedup:.2f}x plain decoding."
     )
+
+
+def _batch_size(inputs: torch.Tensor | None, kwargs: dict) -> int:
+    """The rows of a generate call's prompt (input_ids positional or by keyword, else inputs_embeds)."""
+    prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    return 1 if prompt is None else int(prompt.shape[0])
 
 
 def _load_heads_state(source: str, hub_kwargs: dict) -> dict[str, torch.Tensor]:

@@ -238,3 +238,22 @@ def test_where_no_tree_pays_the_default_call_decodes_plainly_and_says_so(tiny_mo
     assert asked.speculation.steps > 0  # an explicit tree still speculates
     strong = _tuned_copy(model, tmp_path / "strong", [[0.9, 0.05]] * model.config.num_heads, [0.01, 0.0101, 0.0102])
     assert strong.plain_is_faster is None
+
+
+def test_a_batch_decodes_plainly_where_its_rows_sharing_a_forward_make_trees_lose(tiny_model_factory, tmp_path):
+    """Verifying 4 tokens costs about 1 here, 8 twice as much: trees pay for one prompt, not for four rows, whose
+    trees of two tokens each already make the forward 8 tokens long."""
+    model = _hydra(tiny_model_factory)
+    curve = [0.01, 0.0101, 0.0102, 0.0103, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09]
+    tuned = _tuned_copy(model, tmp_path / "tuned", [[0.9, 0.05]] * model.config.num_heads, curve)
+    assert tuned.plain_is_faster is None and tuned.plain_is_faster_for(1) is None
+    assert "with 4 prompts per forward" in tuned.plain_is_faster_for(4)
+    batch = torch.cat([_prompts(SMALL_VOCAB, lengths=(6,), seed=seed)[0] for seed in range(4)])  # (4, 6)
+    out = tuned.generate(batch, speculative=True, max_new_tokens=8, return_dict_in_generate=True)
+    assert getattr(out, "speculation", None) is None  # plain batched generate's output
+    assert torch.equal(out.sequences, tuned.base_lm.generate(batch, do_sample=False, max_new_tokens=8))
+    asked = tuned.generate(batch, speculative=True, tree="chain", max_new_tokens=8, return_dict_in_generate=True)
+    assert asked.speculation.steps > 0  # an explicit tree still speculates
+    single = tuned.generate(batch[:1], speculative=True, max_new_tokens=8, return_dict_in_generate=True)
+    assert single.speculation.steps > 0
+
