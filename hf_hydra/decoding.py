@@ -7,7 +7,8 @@
               -> commit (compact the KV cache, advance the heads' context, stream, check stopping)
 
 `generate()` prepares the generation config, special tokens, a fresh `DynamicCache`, `max_length`,
-logits processors and stopping criteria; this module does the rest.
+logits processors and stopping criteria; this module does the rest for one prompt, and hands a batch of several to
+`batch_decoding`.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def tree_speculative_generate(
     `posterior_alpha` delta = 0.3), faster but not distribution-preserving. Random draws come from
     `generator`, or from torch's global RNG (seed it with `torch.manual_seed`) when None.
 
-    input_ids: (1, L). Returns (1, L + n) like `generate`, or a `HydraGenerateOutput` with
+    input_ids: (1, L), or a left-padded batch (B, L) with its `attention_mask`, which `batch_decoding` decodes (each
+    row its own tree, one forward for all). Returns (B, L + n) like `generate`, or a `HydraGenerateOutput` with
     `speculation` statistics when `return_dict_in_generate=True`.
     """
     sources = sources or getattr(generation_config, "hydra_sources", None) or ("heads" if heads else "context")
