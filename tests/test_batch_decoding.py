@@ -244,13 +244,16 @@ def test_dynamic_trees_are_sized_for_the_rows_sharing_the_forward() -> None:
 
 @pytest.mark.slow
 def test_shipped_heads_on_mt_bench_batches_match_each_prompt_alone() -> None:
-    """The real model, a batch of 4 MT-Bench questions of different lengths, the default path."""
+    """The real model, a batch of 4 MT-Bench questions of different lengths, the heads' dynamic tree (named: by
+    default a CPU may decode a batch of 4 plainly, see `plain_is_faster_for`)."""
     model = HydraForCausalLM.from_pretrained(assets.pretrained_heads_path("hydra++"))
     tokenizer = AutoTokenizer.from_pretrained(assets.default_base_model_path())
     questions = spread_over_categories(assets.mt_bench_questions())[:4]
     prompts = [chat_input_ids(tokenizer, q["turns"][0])[0] for q in questions]
     ids, mask = left_pad(prompts, pad=tokenizer.pad_token_id)
-    out = model.generate(ids, attention_mask=mask, speculative=True, max_new_tokens=64, return_dict_in_generate=True)
+    out = model.generate(
+        ids, attention_mask=mask, speculative=True, tree="dynamic", max_new_tokens=64, return_dict_in_generate=True
+    )
     pad = tokenizer.pad_token_id
     ties = _assert_rows_match_alone(model, prompts, out.sequences, max_new_tokens=64, pad_token_id=pad)
     print(f"batch of 4, shipped hydra++: tau {out.speculation.tau:.2f} tokens per batched forward, "
