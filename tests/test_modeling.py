@@ -164,9 +164,10 @@ def test_heads_naming_a_hub_id_load_that_id_and_no_provisioned_copy(
     model.save_pretrained(tmp_path / "heads")
     asked = []
 
-    def from_pretrained(source, **kwargs):
+    def from_pretrained(source, output_loading_info=False, **kwargs):
         asked.append(source)
-        return base
+        info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return (base, info) if output_loading_info else base
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     HydraForCausalLM.from_pretrained(tmp_path / "heads", prepack=False)
