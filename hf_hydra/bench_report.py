@@ -15,11 +15,13 @@ from pathlib import Path
 
 from .bench import PromptResult, summarize
 from .bench_plots import plot_report
-from .bench_table import AUTOREGRESSIVE, markdown_table
+from .bench_table import AUTOREGRESSIVE, check_per_prompt_report, markdown_table
 
 
 def merge_reports(reports: Sequence[dict]) -> dict:
     """One report from the shards of one benchmark (same settings and machine, disjoint questions)."""
+    for index, report in enumerate(reports):
+        check_per_prompt_report(report, f"report {index + 1}")
     first = reports[0]
     same = ("methods", "max_new_tokens", "turn", "temperature", "seed", "trees", "static_trees", "prepacked",
             "heads_prepacked")

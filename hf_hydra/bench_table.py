@@ -4,6 +4,18 @@ the CLI show. Pure formatting: it imports no model, so the model-card writer can
 from __future__ import annotations
 
 AUTOREGRESSIVE = "autoregressive"  # plain `generate` on the stock base: the reference of every speed-up
+# the "benchmark" key of a batch benchmark report (`hf-hydra bench --batch-size`): another layout than the
+# per-prompt reports this module, bench-merge and model cards read
+BATCH_BENCHMARK = "batch"
+
+
+def check_per_prompt_report(report: dict, path: object) -> None:
+    """A ValueError naming what to do when `report` is a batch benchmark report."""
+    if report.get("benchmark") == BATCH_BENCHMARK:
+        raise ValueError(
+            f"{path} is a batch benchmark report (`hf-hydra bench --batch-size`), which has its own table and no "
+            "shards; bench-merge and model cards take a per-prompt `hf-hydra bench` report (without --batch-size)."
+        )
 
 def markdown_table(report: dict) -> str:
     """The summary of a bench JSON as a Markdown table (what README and model cards show)."""

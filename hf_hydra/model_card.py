@@ -27,7 +27,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 from safetensors import safe_open
 
 from .assets import describe_base, hub_model_family
-from .bench_table import markdown_table
+from .bench_table import check_per_prompt_report, markdown_table
 from .head_archs import DEFAULT_HEAD_ARCH, HEAD_ARCH_REGISTRY
 from .hub import (
     BENCHMARK_NAME,
@@ -259,6 +259,8 @@ def benchmark_summary(report: dict) -> dict:
 
 
 def _check_benchmark(report: Any, path: Path) -> None:
+    if isinstance(report, dict):
+        check_per_prompt_report(report, path)
     if not isinstance(report, dict) or not {"settings", "machine", "summary"} <= report.keys():
         raise ValueError(f"{path} is not a benchmark report of `hf-hydra bench` (needs settings, machine, summary).")
     for row in report["summary"]:

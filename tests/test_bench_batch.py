@@ -94,6 +94,17 @@ def _result(index: int, method: str, tokens: list[int], seconds: float, identica
     return BatchResult(2, index, [index, index + 10], [5, 7], method, tokens, seconds, identical, **fields)
 
 
+def test_merging_or_carding_a_batch_report_is_a_clear_error(report, tmp_path):
+    from hf_hydra import bench_report, model_card
+
+    with pytest.raises(ValueError, match="batch benchmark report"):
+        bench_report.merge_reports([report, report])
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="batch benchmark report"):
+        model_card.write_model_card(tmp_path, benchmark=path)
+
+
 def test_summary_arithmetic_on_fixed_numbers():
     results = [
         _result(0, AUTOREGRESSIVE, [10, 10], 4.0, [True, True]),  # 5 tokens/s
