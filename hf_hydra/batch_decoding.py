@@ -111,9 +111,11 @@ def batch_tree_generate(
         rows, visible = _prefill(model, input_ids, attention_mask, cache, request)
     check_cache_supported(cache)
     rows, visible, done = _drop_finished(rows, cache, visible)
-    steps = 0
+    steps, sized_for = 0, 0
     while rows:
-        _size_trees(rows, request)
+        if len(rows) != sized_for:  # the rows sharing a forward changed: so did each row's share of the curve
+            _size_trees(rows, request)
+            sized_for = len(rows)
         past = cache.get_seq_length()
         with timer("draft"):
             drafts = [row.drafter.draft(row.position, row.heads_context, row.root) for row in rows]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import logging
 import math
 import statistics
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bench import AUTOREGRESSIVE_PREPACKED, bench_prompts, machine_info, timed
+from .bench_report import write_json_and_table
 from .bench_table import AUTOREGRESSIVE, BATCH_BENCHMARK, PACKED_LAYERS
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name, packed_kernel
@@ -388,9 +388,4 @@ def _prepacked_text(settings: dict) -> str:
 
 def write_batch_report(report: dict, json_path: str | Path) -> list[Path]:
     """Write the JSON, and beside it the Markdown table generated from it."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1))
-    table = json_path.with_suffix(".md")
-    table.write_text(markdown_batch_table(report))
-    return [json_path, table]
+    return write_json_and_table(report, json_path, markdown_batch_table(report))

@@ -49,9 +49,15 @@ def merge_reports(reports: Sequence[dict]) -> dict:
 
 def write_report(report: dict, json_path: str | Path) -> list[Path]:
     """Write the JSON, and beside it the Markdown table and the plots generated from it."""
+    written = write_json_and_table(report, json_path, markdown_table(report))
+    return [*written, *plot_report(report, written[0].parent)]
+
+
+def write_json_and_table(report: dict, json_path: str | Path, table: str) -> list[Path]:
+    """Write a report's JSON and, beside it (.md), its Markdown `table`; the two paths."""
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1))
-    table = json_path.with_suffix(".md")
-    table.write_text(markdown_table(report))
-    return [json_path, table, *plot_report(report, json_path.parent)]
+    table_path = json_path.with_suffix(".md")
+    table_path.write_text(table)
+    return [json_path, table_path]

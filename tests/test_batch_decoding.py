@@ -14,7 +14,7 @@ from sampling_stats import chi_square_p_value, exact_first_three
 from ties import assert_same_or_tie
 from transformers import AutoTokenizer, TextStreamer
 
-from hf_hydra import HydraForCausalLM, assets
+from hf_hydra import HydraForCausalLM, assets, bench_batch
 from hf_hydra.bench import spread_over_categories
 from hf_hydra.cli import chat_input_ids
 from hf_hydra.dynamic_tree import DynamicTreePolicy
@@ -41,13 +41,8 @@ def _prompts(lengths: tuple[int, ...], vocab: int = TINY_VOCAB, seed: int = 0) -
 
 
 def left_pad(prompts: list[torch.Tensor], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and attention mask of prompts left-padded to the longest."""
-    longest = max(p.shape[0] for p in prompts)
-    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - prompt.shape[0] :], mask[row, longest - prompt.shape[0] :] = prompt, 1
-    return ids, mask
+    """(B, L) ids and attention mask of (n,) prompts left-padded to the longest."""
+    return bench_batch.left_pad([prompt[None] for prompt in prompts], pad)
 
 
 def _assert_rows_match_alone(
