@@ -143,14 +143,14 @@ def run_distill(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from .training.data import load_sharegpt, render, seeded_sample
     from .training.distill import load_distilled
-    from .training.features import TokenizedSequence, prepare_features, training_sequences, write_preparation
+    from .training.features import TokenizedSequence, training_sequences, write_preparation
+    from .training.preparation import BaseSource, prepare_features
 
     if args.data is not None and (args.seed is not None or args.skip is not None):
         raise SystemExit("prepare: --seed and --skip choose ShareGPT conversations; use them with --sharegpt, "
                          "not with --data (a distilled file is prepared whole, or its first --limit).")
-    base_path = args.base or assets.default_base_model_path()
-    dtype = {} if args.dtype is None else {"dtype": getattr(torch, args.dtype)}
-    base = AutoModelForCausalLM.from_pretrained(base_path, **dtype).eval()
+    base_path = str(args.base or assets.default_base_model_path())
+    source = BaseSource(base_path, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if args.data is not None:
         conversations = load_distilled(args.data)[: args.limit]
@@ -158,11 +158,14 @@ def run_prepare(args: argparse.Namespace) -> int:
         conversations = seeded_sample(load_sharegpt(), args.sharegpt, *sharegpt_order(args))[: args.limit]
     rendered = [render(tokenizer, conversation, max_length=args.max_length) for conversation in conversations]
     sequences = training_sequences([TokenizedSequence(r.input_ids, r.assistant_mask) for r in rendered])
+    threads = args.threads_per_worker or max(1, torch.get_num_threads() // args.workers)
     report = prepare_features(
-        base, sequences, args.out, assets.portable_model_id(str(base_path)), teacher_topk=args.teacher_topk
+        source if args.workers > 1 else source.load(), sequences, args.out, assets.portable_model_id(base_path),
+        teacher_topk=args.teacher_topk, workers=args.workers, threads_per_worker=threads,
     )
     write_preparation(args.out, prepare_command(args))
-    print(f"cached {report.tokens} tokens of {report.sequences} sequences, {report.tokens_per_second:.0f} tokens/s")
+    print(f"cached {report.tokens} tokens of {report.sequences} sequences, {report.tokens_per_second:.0f} tokens/s; "
+          f"{report.disk.describe()}")
     return 0
 
 
@@ -536,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--base", help="base model folder or Hub id (default: SmolLM2-135M-Instruct)")
     prepare.add_argument("--dtype", choices=BASE_DTYPES,
                          help="the base's dtype while it computes the features (default: the checkpoint's own)")
+    prepare.add_argument("--workers", type=int, default=1,
+                         help="processes computing features side by side, each loading the base (default 1)")
+    prepare.add_argument("--threads-per-worker", type=int,
+                         help="torch threads of each worker when --workers > 1 (default: this process's / workers)")
     prepare.set_defaults(func=run_prepare)
 
     train = commands.add_parser("train", help="train heads on a feature folder (runs under accelerate launch too)")

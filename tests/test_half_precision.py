@@ -24,7 +24,8 @@ from hf_hydra.bench import spread_over_categories
 from hf_hydra.cli import build_parser, chat_input_ids, prepare_command
 from hf_hydra.dynamic_tree import DynamicTreePolicy
 from hf_hydra.training.arguments import TrainingArguments
-from hf_hydra.training.features import TokenizedSequence, prepare_features
+from hf_hydra.training.features import TokenizedSequence
+from hf_hydra.training.preparation import prepare_features
 from hf_hydra.training.trainer import train
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)

@@ -32,7 +32,6 @@ from hf_hydra.training.batching import collate, epoch_batches, micro_batch_strea
 from hf_hydra.training.features import (
     FeatureStore,
     TokenizedSequence,
-    prepare_features,
     training_sequences,
     write_preparation,
 )
@@ -45,6 +44,7 @@ from hf_hydra.training.losses import (
     topk_hits,
 )
 from hf_hydra.training.objective import HeadsObjective
+from hf_hydra.training.preparation import prepare_features
 from hf_hydra.training.schedule import lr_factor
 from hf_hydra.training.trainer import train
 

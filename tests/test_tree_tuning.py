@@ -13,7 +13,8 @@ from conftest import TINY_VOCAB, make_tiny_model
 from hf_hydra import HydraForCausalLM
 from hf_hydra.cli import main
 from hf_hydra.dynamic_tree import HeadCalibration
-from hf_hydra.training.features import FeatureStore, TokenizedSequence, prepare_features
+from hf_hydra.training.features import FeatureStore, TokenizedSequence
+from hf_hydra.training.preparation import prepare_features
 from hf_hydra.tree_tuning import (
     measure_calibration,
     measure_rank_accuracy,

@@ -1,4 +1,4 @@
-"""`hf-hydra prepare`: one pass of the frozen base model over the training text, cached on disk.
+"""The feature folder: one pass of the frozen base model over the training text, cached on disk.
 
 Training heads needs, per token t: the base's post-norm hidden state h_t, the token id, whether the
 token is a training target (assistant text), and the base's own next-token distribution (the teacher)
@@ -14,24 +14,23 @@ Layout of a feature folder (N tokens over S sequences, d hidden size, k teacher 
     hidden.npy             (N, d) float16   base post-norm last hidden state
     teacher_ids.npy        (N, k) int32     top-k of the base's next-token distribution at t
     teacher_logprobs.npy   (N, k) float16   their log-probabilities
-    progress.json          {"sequences_done": n}: a rerun resumes after n
+    progress.json          {"sequences_done": n, "done_after": [[a, b], ...]}: sequences [0, n) and each
+                           [a, b) are written; a rerun computes only the others
     preparation.json       {"command": ...}: the `hf-hydra prepare` command that made the folder (CLI only)
+
+`preparation.py` writes a folder; this module defines its layout and reads it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 FORMAT_VERSION = 1
 PREPARATION_FILE = "preparation.json"
@@ -81,17 +80,6 @@ class SequenceFeatures:
     teacher_logprobs: torch.Tensor  # (T, k) float32
 
 
-@dataclass(frozen=True)
-class PrepareReport:
-    sequences: int
-    tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
 class FeatureStore:
     """Read access to a feature folder written by `prepare_features`."""
 
@@ -103,14 +91,14 @@ class FeatureStore:
         self.meta = FeatureMeta(**json.loads(meta_path.read_text()))
         if self.meta.format_version != FORMAT_VERSION:
             raise ValueError(f"{self.folder} has feature format {self.meta.format_version}; re-run prepare.")
-        done = _read_progress(self.folder)
+        done = sequences_done(self.folder)
         if done < self.meta.num_sequences:
             raise ValueError(
                 f"{self.folder} is incomplete ({done}/{self.meta.num_sequences} sequences); "
                 "re-run the same `hf-hydra prepare` command to resume it."
             )
         self.offsets = np.load(self.folder / "offsets.npy")
-        self._arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in _ARRAY_NAMES}
+        self._arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES}
 
     def __len__(self) -> int:
         return self.meta.num_sequences
@@ -146,7 +134,25 @@ class FeatureStore:
         return np.repeat(selected, np.diff(self.offsets))
 
 
-_ARRAY_NAMES = ("input_ids", "loss_mask", "hidden", "teacher_ids", "teacher_logprobs")
+ARRAY_NAMES = ("input_ids", "loss_mask", "hidden", "teacher_ids", "teacher_logprobs")
+
+
+def array_layout(meta: FeatureMeta) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Each array file's (shape, numpy dtype)."""
+    n, d, k = meta.num_tokens, meta.hidden_size, meta.teacher_topk
+    return {
+        "input_ids": ((n,), np.int32),
+        "loss_mask": ((n,), np.uint8),
+        "hidden": ((n, d), np.float16),
+        "teacher_ids": ((n, k), np.int32),
+        "teacher_logprobs": ((n, k), np.float16),
+    }
+
+
+def bytes_per_token(meta: FeatureMeta) -> int:
+    """Disk bytes one token takes in the arrays."""
+    layout = array_layout(meta).values()
+    return sum(int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in layout)
 
 
 class FeatureCollection:
@@ -191,91 +197,38 @@ def read_preparation(folder: str | Path) -> str | None:
     return json.loads(path.read_text()).get("command") if path.is_file() else None
 
 
-def _read_progress(folder: Path) -> int:
+def read_done_ranges(folder: Path) -> list[tuple[int, int]]:
+    """The [start, end) ranges of sequences already written, sorted and merged."""
     path = folder / "progress.json"
-    return json.loads(path.read_text())["sequences_done"] if path.is_file() else 0
+    if not path.is_file():
+        return []
+    progress = json.loads(path.read_text())
+    ranges = [(0, progress["sequences_done"])] + [tuple(r) for r in progress.get("done_after", [])]
+    return merge_ranges(ranges)
 
 
-def _write_progress(folder: Path, done: int) -> None:
+def write_done_ranges(folder: Path, ranges: Sequence[tuple[int, int]]) -> None:
+    """Record the written ranges (atomically: a stop mid-write keeps the previous record)."""
+    merged = merge_ranges(ranges)
+    prefix = merged[0][1] if merged and merged[0][0] == 0 else 0
+    rest = [list(r) for r in merged if r[0] != 0]
     tmp = folder / "progress.json.tmp"
-    tmp.write_text(json.dumps({"sequences_done": done}))
+    tmp.write_text(json.dumps({"sequences_done": prefix, "done_after": rest}))
     tmp.replace(folder / "progress.json")
 
 
-def _create_or_open(folder: Path, meta: FeatureMeta, offsets: np.ndarray) -> dict[str, np.memmap]:
-    """Allocate the arrays (first run) or reopen them (resume, after checking the same inputs)."""
-    meta_path = folder / "meta.json"
-    shapes = {
-        "input_ids": ((meta.num_tokens,), np.int32),
-        "loss_mask": ((meta.num_tokens,), np.uint8),
-        "hidden": ((meta.num_tokens, meta.hidden_size), np.float16),
-        "teacher_ids": ((meta.num_tokens, meta.teacher_topk), np.int32),
-        "teacher_logprobs": ((meta.num_tokens, meta.teacher_topk), np.float16),
-    }
-    if meta_path.is_file():
-        if json.loads(meta_path.read_text()) != asdict(meta) or not np.array_equal(
-            np.load(folder / "offsets.npy"), offsets
-        ):
-            raise ValueError(f"{folder} holds features of other inputs; choose a new output folder.")
-        return {name: open_memmap(folder / f"{name}.npy", mode="r+") for name in shapes}
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "offsets.npy", offsets)
-    arrays = {
-        name: open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-        for name, (shape, dtype) in shapes.items()
-    }
-    meta_path.write_text(json.dumps(asdict(meta), indent=2))
-    return arrays
+def sequences_done(folder: Path) -> int:
+    """How many sequences from the first on are written (the folder is complete when that is all of them)."""
+    ranges = read_done_ranges(folder)
+    return ranges[0][1] if ranges and ranges[0][0] == 0 else 0
 
 
-@torch.no_grad()
-def base_features(base: PreTrainedModel, input_ids: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
-    """One base forward over (T,) tokens -> hidden (T, d), teacher top-k ids and log-probs (T, k), in float32
-    whatever the base's dtype (numpy has no bfloat16; the store rounds them to float16 once)."""
-    out = base(input_ids=input_ids[None], output_hidden_states=True)
-    logprobs = out.logits[0].float().log_softmax(dim=-1)  # (T, V)
-    top = logprobs.topk(topk, dim=-1)
-    return {"hidden": out.hidden_states[-1][0].float(), "teacher_ids": top.indices, "teacher_logprobs": top.values}
-
-
-def prepare_features(
-    base: PreTrainedModel,
-    sequences: Sequence[TokenizedSequence],
-    out_dir: str | Path,
-    base_model_id: str,
-    teacher_topk: int = 32,
-    flush_every: int = 16,
-) -> PrepareReport:
-    """Run the frozen base over every sequence and cache what training needs (resumable)."""
-    folder = Path(out_dir)
-    lengths = np.array([len(s.input_ids) for s in sequences], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    meta = FeatureMeta(
-        format_version=FORMAT_VERSION,
-        base_model=base_model_id,
-        hidden_size=base.config.get_text_config().hidden_size,
-        vocab_size=base.get_output_embeddings().weight.shape[0],
-        num_sequences=len(sequences),
-        num_tokens=int(offsets[-1]),
-        teacher_topk=teacher_topk,
-    )
-    arrays = _create_or_open(folder, meta, offsets)
-    done = _read_progress(folder)
-    start_time, tokens = time.perf_counter(), 0
-    progress = tqdm(total=meta.num_tokens, initial=int(offsets[done]), unit="tok", desc="prepare", smoothing=0.05)
-    for index in range(done, len(sequences)):
-        start, end = int(offsets[index]), int(offsets[index + 1])
-        ids = torch.tensor(sequences[index].input_ids, dtype=torch.long)
-        features = base_features(base, ids.to(base.device), teacher_topk)
-        arrays["input_ids"][start:end] = ids.numpy()
-        arrays["loss_mask"][start:end] = np.asarray(sequences[index].loss_mask, dtype=np.uint8)
-        for name, value in features.items():
-            arrays[name][start:end] = value.cpu().numpy()
-        tokens += end - start
-        progress.update(end - start)
-        if (index + 1) % flush_every == 0 or index + 1 == len(sequences):
-            for array in arrays.values():
-                array.flush()
-            _write_progress(folder, index + 1)
-    progress.close()
-    return PrepareReport(sequences=len(sequences) - done, tokens=tokens, seconds=time.perf_counter() - start_time)
+def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-empty, non-overlapping [start, end) ranges covering the same sequences."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
