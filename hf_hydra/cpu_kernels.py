@@ -1,4 +1,4 @@
-"""Panel-packed float32 linear layers for AVX2 and AVX-512 CPUs: few-token forwards at the memory limit.
+"""Panel-packed linear layers for AVX2 and AVX-512 CPUs: few-token forwards at the memory limit.
 
 A decoding step multiplies one to a few rows by every weight matrix of the base, so its cost is reading the
 weights. torch's stock CPU kernels (MKL) are far from that limit for a few rows: a forward over a few tokens costs
@@ -12,8 +12,10 @@ AVX2/FMA, there is no compiler, or the build fails, `kernel_library()` says why 
 kernels.
 
 The outputs agree with the stock ones up to float rounding (each output is one in-order float32 sum), like any
-change of matmul kernel; the AVX2 and AVX-512 kernels agree bit for bit. Inference only: packed layers refuse
-autograd and dtype or device changes.
+change of matmul kernel; the AVX2 and AVX-512 kernels agree bit for bit. Panels may also hold bfloat16 weights
+(`weight_dtype`): half the bytes, the same float32 sums over the rounded weights; for layers whose outputs only
+propose (the draft heads), never for the base. Inference only: packed layers refuse autograd and dtype or device
+changes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ PANEL = 16  # output columns per panel; must match csrc/packed_linear.c
 MAX_PANEL_ROWS = 32
 MAX_BATCHED_ROWS = 64
 ISAS = ("avx2", "avx512")  # the kernels' instruction sets, as named in csrc/packed_linear.c
+_WEIGHT_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # panel weight dtypes, as the kernels are named
+PANEL_WEIGHT_DTYPES = tuple(_WEIGHT_SUFFIX)
 _SOURCE = "packed_linear.c"
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 
@@ -57,9 +61,10 @@ class KernelLibrary:
     reason: str | None = None
     isa: str | None = None
 
-    def linear(self, isa: str | None = None):
-        """The C function computing a packed linear layer with `isa`'s kernels (default: this CPU's best)."""
-        return getattr(self.library, f"hh_packed_linear_{isa or self.isa}")
+    def linear(self, isa: str | None = None, weight_dtype: torch.dtype = torch.float32):
+        """The C function computing a packed linear layer with `isa`'s kernels (default: this CPU's best) on
+        panels of `weight_dtype` (float32 or bfloat16) weights."""
+        return getattr(self.library, f"hh_packed_linear_{isa or self.isa}{_WEIGHT_SUFFIX[weight_dtype]}")
 
 
 def cpu_has_avx2_fma() -> bool:
@@ -115,9 +120,10 @@ def _build(compiler: str, source: bytes, target: Path) -> None:
 def _declare(library: ctypes.CDLL) -> None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for isa in ISAS:
-        function = getattr(library, f"hh_packed_linear_{isa}")
-        function.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
-        function.restype = None
+        for suffix in _WEIGHT_SUFFIX.values():
+            function = getattr(library, f"hh_packed_linear_{isa}{suffix}")
+            function.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
+            function.restype = None
     library.hh_has_avx512.restype = ctypes.c_int
     library.hh_panel_width.restype = ctypes.c_int
     if library.hh_panel_width() != PANEL:
@@ -136,24 +142,32 @@ def refuse_moving(fn, why: str) -> None:
         )
 
 
-def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """(out, in) float32 -> (ceil(out / 16), in, 16) panels, the last one zero-padded; a new tensor."""
+def pack_panels(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(out, in) -> (ceil(out / 16), in, 16) panels of `dtype` (rounded to nearest), the last one zero-padded;
+    a new tensor."""
     out_features, in_features = weight.shape
-    padded = torch.zeros(-(-out_features // PANEL) * PANEL, in_features, dtype=torch.float32)
+    padded = torch.zeros(-(-out_features // PANEL) * PANEL, in_features, dtype=dtype)
     padded[:out_features] = weight.detach()
     return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
 
 class PanelLinear(nn.Module):
-    """`nn.Linear` inference on panel-packed float32 weights (AVX2 or AVX-512 kernels); same inputs and outputs."""
+    """`nn.Linear` inference on panel-packed weights (AVX2 or AVX-512 kernels); same inputs and outputs. The
+    weights are float32, or bfloat16 where `weight_dtype` says so: half the bytes to read, sums still float32
+    (for layers that tolerate bfloat16 weights: the draft heads)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         library = kernel_library()
         if library.library is None:
             raise RuntimeError(f"The panel linear kernels are unavailable: {library.reason}.")
+        if weight_dtype not in PANEL_WEIGHT_DTYPES:
+            raise ValueError(f"Panel weights are float32 or bfloat16, not {weight_dtype}.")
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("panels", pack_panels(weight), persistent=False)  # (ceil(out/16), in, 16)
+        self.weight_dtype = weight_dtype
+        self.register_buffer("panels", pack_panels(weight, weight_dtype), persistent=False)  # (ceil(out/16), in, 16)
         bias = None if bias is None else bias.detach().to(torch.float32).contiguous()  # (out,)
         self.register_buffer("bias", bias, persistent=False)
 
@@ -174,11 +188,12 @@ class PanelLinear(nn.Module):
         if rows <= MAX_PANEL_ROWS:
             return self._panel_rows(x if x.is_contiguous() else x.contiguous(), rows)
         flat = x.reshape(rows, self.in_features)  # (n, in)
+        panels = self.panels.float()  # (ceil(out/16), in, 16); a float32 copy only where the panels are bfloat16
         if rows <= MAX_BATCHED_ROWS:  # (panels, n, 16) -> (n, panels * 16)
-            out = torch.matmul(flat, self.panels).transpose(0, 1).reshape(rows, -1)[:, : self.out_features]
+            out = torch.matmul(flat, panels).transpose(0, 1).reshape(rows, -1)[:, : self.out_features]
             out = out if self.bias is None else out + self.bias
         else:
-            weight = self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]  # (out, in)
+            weight = panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]  # (out, in)
             out = nn.functional.linear(flat, weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -186,7 +201,7 @@ class PanelLinear(nn.Module):
         """Contiguous (..., in) holding `rows` rows -> (..., out) with the panel kernel."""
         out = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)  # laid out as (rows, out)
         bias = None if self.bias is None else self.bias.data_ptr()
-        kernel_library().linear()(
+        kernel_library().linear(weight_dtype=self.weight_dtype)(
             x.data_ptr(), rows, self.in_features, self.panels.data_ptr(), self.out_features, bias, out.data_ptr()
         )
         return out
@@ -196,7 +211,8 @@ class PanelLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return shape if self.weight_dtype is torch.float32 else f"{shape}, weight_dtype=bfloat16"
 
 
 class PanelCopyLinear(nn.Linear):
@@ -204,13 +220,16 @@ class PanelCopyLinear(nn.Linear):
     inference with a panel-packed copy of its weight, made on first use and again whenever the weight or bias
     changes (a new tensor, or an in-place update such as an optimizer step). For the draft heads: they are
     trained and saved, yet read once per decoding step, where torch's kernels are slowest. Costs a second copy
-    of the weight."""
+    of the weight, in `copy_dtype` (float32, or bfloat16: half the bytes to read and to keep)."""
+
+    copy_dtype: torch.dtype = torch.float32
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PanelCopyLinear:
+    def from_linear(cls, linear: nn.Linear, copy_dtype: torch.dtype = torch.float32) -> PanelCopyLinear:
         """A layer sharing `linear`'s parameters (no copy until the first packed forward)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         layer.weight, layer.bias = linear.weight, linear.bias
+        layer.copy_dtype = copy_dtype
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +238,7 @@ class PanelCopyLinear(nn.Linear):
         key = tuple((t.data_ptr(), tensor_version(t)) for t in (self.weight, self.bias) if t is not None)
         cached = self.__dict__.get("_panel_copy")
         if cached is None or cached[0] != key:
-            cached = (key, PanelLinear(self.weight, self.bias))
+            cached = (key, PanelLinear(self.weight, self.bias, self.copy_dtype))
             self.__dict__["_panel_copy"] = cached  # a plain attribute: neither a submodule nor in the state dict
         return cached[1](x)
 

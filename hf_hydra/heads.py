@@ -197,20 +197,25 @@ class DraftHeads(nn.Module):
         ]
         return packed[0] if packed else None
 
-    def pack_for_drafting(self, kernel: str) -> None:
+    def pack_for_drafting(self, kernel: str, weight_dtype: torch.dtype = torch.bfloat16) -> None:
         """CPU inference on the base's packed `kernel` ("panel" or "onednn"), leaving what the heads save and how
-        they train as it was: a float32 copy of the shared vocabulary projection (rows of the frozen base
-        lm_head, read once per head call: most of a drafting step's memory traffic), and with the panel kernels
-        every linear layer of the heads (the Hydra++ prefix layer's included) as a `PanelCopyLinear`, which
-        computes few-row inference on a packed copy of its weight and trains and saves as an `nn.Linear`."""
+        they train as it was: a copy of the shared vocabulary projection (rows of the frozen base lm_head, read
+        once per head call: most of a drafting step's memory traffic), and with the panel kernels every linear
+        layer of the heads (the Hydra++ prefix layer's included) as a `PanelCopyLinear`, which computes few-row
+        inference on a packed copy of its weight and trains and saves as an `nn.Linear`.
+
+        With the panel kernels the copies hold `weight_dtype` weights: bfloat16 by default, half the bytes a
+        drafting step reads, with float32 sums. Drafts may then differ from float32 heads' where two candidates
+        are nearly tied; the base verifies every draft, so outputs do not change. The oneDNN copy is float32."""
         if self.config.vocab_projection in SHARED_PROJECTIONS and self.packed_shared_output is None:
-            self.packed_shared_output = _packed_projection(self.shared_output_weight, kernel)
+            dtype = weight_dtype if kernel == "panel" else torch.float32
+            self.packed_shared_output = _packed_projection(self.shared_output_weight, kernel, dtype)
         if kernel != "panel":
             return
         for parent in list(self.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, PanelCopyLinear.from_linear(child))
+                    setattr(parent, name, PanelCopyLinear.from_linear(child, weight_dtype))
 
     def prepack(
         self, compute_dtype: torch.dtype, batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT
@@ -278,21 +283,21 @@ def _refresh_shared_draft_rows(module: DraftHeads, incompatible_keys) -> None:
         module.shared_output_weight = module.base_output_weight[module.draft_token_ids]
         packed = module.packed_shared_output
         if packed is not None:  # a packed copy follows the rows, on its kernel and in its dtype
-            dtype = packed.compute_dtype if isinstance(packed, PrepackedLinear) else torch.float32
+            dtype = packed.compute_dtype if isinstance(packed, PrepackedLinear) else packed.weight_dtype
             module.packed_shared_output = _packed_projection(module.shared_output_weight, packed_kernel(packed), dtype)
 
 
 def _packed_projection(
     weight: torch.Tensor,
     kernel: str,
-    compute_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
     batch_size_hint: int = DEFAULT_BATCH_SIZE_HINT,
 ) -> PanelLinear | PrepackedLinear:
-    """(rows, d) -> an inference-only linear layer without bias on `kernel` ("panel": float32; "onednn": in
-    `compute_dtype`)."""
+    """(rows, d) -> an inference-only linear layer without bias on `kernel`: "panel" with `dtype` weights, or
+    "onednn" computing in `dtype` (float32 unless the caller prepacks the heads for bfloat16)."""
     if kernel == "panel":
-        return PanelLinear(weight)
-    return PrepackedLinear(weight, None, batch_size_hint, compute_dtype)
+        return PanelLinear(weight, weight_dtype=dtype)
+    return PrepackedLinear(weight, None, batch_size_hint, dtype)
 
 
 def _future_embeds(token_embeds: torch.Tensor, num_heads: int) -> torch.Tensor:

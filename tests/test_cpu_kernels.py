@@ -77,7 +77,7 @@ def test_threads_split_the_panels_exactly(threads: int) -> None:
 def _run_isa(isa: str, layer: PanelLinear, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], layer.out_features)
     bias = None if layer.bias is None else layer.bias.data_ptr()
-    kernel_library().linear(isa)(
+    kernel_library().linear(isa, layer.weight_dtype)(
         x.data_ptr(), x.shape[0], layer.in_features, layer.panels.data_ptr(), layer.out_features, bias, out.data_ptr()
     )
     return out
@@ -100,6 +100,53 @@ def test_avx512_and_avx2_kernels_agree_bit_for_bit(rows: int, out_features: int)
     assert torch.equal(avx512, _run_isa("avx2", layer, x))
     with torch.no_grad():
         assert torch.equal(avx512[:1], layer(x[:1]))  # a row's result does not depend on the rows beside it
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 12, 13, 32, 40, 300])
+@pytest.mark.parametrize("out_features", [16, 45])
+def test_bfloat16_panels_compute_the_float32_kernel_on_rounded_weights(rows: int, out_features: int) -> None:
+    """Widening a bfloat16 weight to float32 is exact, so a bfloat16 panel's outputs are the float32 kernel's on
+    the weights rounded to bfloat16, bit for bit (beyond 32 rows: torch's kernels on those weights)."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(577, out_features)
+    rounded = nn.Linear(577, out_features)
+    with torch.no_grad():
+        rounded.weight.copy_(linear.weight.bfloat16().float())
+        rounded.bias.copy_(linear.bias)
+    x = torch.randn(rows, 577)
+    layer = PanelLinear(linear.weight, linear.bias, weight_dtype=torch.bfloat16)
+    assert layer.panels.dtype == torch.bfloat16 and "weight_dtype=bfloat16" in repr(layer)
+    with torch.no_grad():
+        got, expected = layer(x), PanelLinear.from_linear(rounded)(x)
+    if rows <= cpu_kernels.MAX_PANEL_ROWS:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(kernel_library().isa != "avx512", reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("rows", [1, 6, 7, 13])
+def test_avx512_and_avx2_bfloat16_kernels_agree_bit_for_bit(rows: int) -> None:
+    torch.manual_seed(rows)
+    layer = PanelLinear(torch.randn(45, 577), torch.randn(45), weight_dtype=torch.bfloat16)
+    x = torch.randn(rows, 577)
+    assert torch.equal(_run_isa("avx512", layer, x), _run_isa("avx2", layer, x))
+
+
+def test_panel_weights_are_float32_or_bfloat16() -> None:
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        PanelLinear(torch.randn(4, 4), weight_dtype=torch.float16)
+
+
+def test_a_bfloat16_panel_copy_linear_rounds_only_its_copy() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    layer = PanelCopyLinear.from_linear(linear, torch.bfloat16)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        expected = nn.functional.linear(x, linear.weight.bfloat16().float(), linear.bias)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert linear.weight.dtype == torch.float32 and layer.weight is linear.weight  # what trains and saves
 
 
 def test_a_panel_copy_linear_is_the_linear_and_follows_its_weight() -> None:

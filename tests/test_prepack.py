@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from hf_hydra import HydraForCausalLM
 from hf_hydra.cpu_kernels import PanelCopyLinear, PanelLinear, kernel_library
+from hf_hydra.heads import DraftHeads
 from hf_hydra.prepack import PrepackedLinear, PrepackReport, bfloat16_supported, prepack_linear_layers
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma")  # qwen2's q/k/v projections have biases
@@ -135,14 +136,29 @@ def test_heads_save_the_same_after_prepacking(tiny_model_factory, tmp_path: Path
     assert before.read_bytes() == after.read_bytes()
 
 
-def _heads_logits(model: HydraForCausalLM) -> torch.Tensor:
-    """Every head's logits at a few random context vectors and paths: (H, 3, V or K)."""
+def _heads_logits(model: HydraForCausalLM, heads: DraftHeads | None = None) -> torch.Tensor:
+    """Every head's logits (of `heads`, default the model's) at a few random context vectors and paths:
+    (H, 3, V or K)."""
+    heads = model.heads if heads is None else heads
     generator = torch.Generator().manual_seed(3)
     d = model.config.base_hidden_size
     context = torch.randn(3, d, generator=generator)
     with torch.no_grad():
         paths = [torch.randn(3, i + 1, d, generator=generator) for i in range(model.config.num_heads)]
-        return torch.stack([model.heads(i, context, path) for i, path in enumerate(paths)])
+        return torch.stack([heads(i, context, path) for i, path in enumerate(paths)])
+
+
+def _with_bfloat16_weights(heads: DraftHeads) -> DraftHeads:
+    """A float32 copy of `heads` whose linear weights and shared vocabulary rows are rounded to bfloat16: what
+    bfloat16 drafting copies compute (their sums and biases stay float32)."""
+    rounded = copy.deepcopy(heads)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if type(module) is nn.Linear:
+                module.weight.copy_(module.weight.bfloat16().float())
+    if rounded.shared_output_weight is not None:
+        rounded.shared_output_weight = rounded.shared_output_weight.bfloat16().float()
+    return rounded
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -151,7 +167,8 @@ def test_packing_the_base_packs_the_heads_for_drafting(tiny_model_factory, tmp_p
     """The heads draft through packed copies, save the same bytes, train on the parameters and the buffer
     themselves, and a state dict loaded later (other weights, other draft rows) reaches the copies."""
     model = _shared_projection_heads(tiny_model_factory, vocab_projection, DRAFT_IDS)
-    expected = _heads_logits(model)
+    # on the panel kernels the copies hold bfloat16 weights (float32 sums); oneDNN's copy is float32
+    expected = _heads_logits(model, _with_bfloat16_weights(model.heads) if kernel == "panel" else None)
     model.save_pretrained(tmp_path / "before")
     model.prepack_base(kernel=kernel)
     assert isinstance(model.heads.packed_shared_output, PACKED_TYPES[kernel])
@@ -172,7 +189,17 @@ def test_packing_the_base_packs_the_heads_for_drafting(tiny_model_factory, tmp_p
 
     other = _shared_projection_heads(tiny_model_factory, vocab_projection, DRAFT_IDS.flip(0), seed=9)
     model.heads.load_state_dict(other.heads.state_dict())
-    torch.testing.assert_close(_heads_logits(model), _heads_logits(other), rtol=1e-5, atol=1e-5)
+    expected = _heads_logits(other, _with_bfloat16_weights(other.heads) if kernel == "panel" else None)
+    torch.testing.assert_close(_heads_logits(model), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(kernel_library().library is None, reason="no panel kernels")
+def test_float32_drafting_copies_compute_the_stock_logits(tiny_model_factory):
+    model = _shared_projection_heads(tiny_model_factory, "shared_draft_vocab", DRAFT_IDS)
+    expected = _heads_logits(model)
+    model.heads.pack_for_drafting("panel", torch.float32)
+    assert all(m.copy_dtype is torch.float32 for m in model.heads.modules() if isinstance(m, PanelCopyLinear))
+    torch.testing.assert_close(_heads_logits(model), expected, rtol=1e-5, atol=1e-5)
 
 
 def _shared_projection_heads(factory, vocab_projection: str, draft_ids: torch.Tensor, seed: int = 0):

@@ -12,6 +12,11 @@
  * Summation order: each output is one float32 sum over k in order with one rounding per fused multiply-add, in
  * both instruction sets, so the AVX2 and AVX-512 kernels agree bit for bit and results differ from MKL's by
  * rounding only.
+ *
+ * The panels hold float32 or bfloat16 weights (the `_bf16` functions). A bfloat16 weight is widened to float32 in
+ * registers (it is a float32's upper half) and the sums stay float32: half the bytes to stream, for layers that can
+ * take bfloat16 weights (draft heads: the base verifies whatever they propose). Each output equals the float32
+ * kernel's on the same weights rounded to bfloat16.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -40,25 +45,45 @@
         _mm256_storeu_ps(y + R * ldy + 8, hi##R);                                                                 \
     }
 
-#define PANEL_KERNEL(ROWS)                                                                                        \
-    static void panel_##ROWS(const float *x, int64_t in, const float *wp, float *y, int64_t ldy) {             \
+/* Weights 1 KB ahead (16 64-byte lines) of the step k reading `wp`, whatever the weight type. */
+#define PREFETCH_AHEAD() \
+    _mm_prefetch((const char *)(wp + k * PANEL) + PREFETCH_LINES * 64, _MM_HINT_T0)
+
+/* Panel row k as two halves of 8 float32 columns. */
+#define LOAD_AVX2_float(w_lo, w_hi)                                                                               \
+    const __m256 w_lo = _mm256_loadu_ps(wp + k * PANEL), w_hi = _mm256_loadu_ps(wp + k * PANEL + 8);
+#define LOAD_AVX2_uint16_t(w_lo, w_hi)                                                                            \
+    const __m256i w_bits = _mm256_loadu_si256((const __m256i *)(wp + k * PANEL));                                \
+    const __m256 w_lo = bf16x8_to_ps(_mm256_castsi256_si128(w_bits));                                            \
+    const __m256 w_hi = bf16x8_to_ps(_mm256_extracti128_si256(w_bits, 1));
+
+static inline __m256 bf16x8_to_ps(__m128i bits) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+#define PANEL_KERNEL(NAME, WT, ROWS)                                                                              \
+    static void NAME##_##ROWS(const float *x, int64_t in, const void *panel, float *y, int64_t ldy) {           \
         enum { rows = ROWS };                                                                                  \
+        const WT *wp = (const WT *)panel;                                                                      \
         __m256 lo0 = _mm256_setzero_ps(), lo1 = lo0, lo2 = lo0, lo3 = lo0, lo4 = lo0, lo5 = lo0;               \
         __m256 hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0, hi4 = lo0, hi5 = lo0;                               \
         for (int64_t k = 0; k < in; k++) {                                                                     \
-            if (ROWS > 1) _mm_prefetch((const char *)(wp + (k + PREFETCH_LINES) * PANEL), _MM_HINT_T0);         \
-            const __m256 w_lo = _mm256_loadu_ps(wp + k * PANEL), w_hi = _mm256_loadu_ps(wp + k * PANEL + 8);   \
+            if (ROWS > 1) PREFETCH_AHEAD();                                                                  \
+            LOAD_AVX2_##WT(w_lo, w_hi)                                                                         \
             ROW_STEP(0) ROW_STEP(1) ROW_STEP(2) ROW_STEP(3) ROW_STEP(4) ROW_STEP(5)                            \
         }                                                                                                      \
         ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5)                           \
     }
+#define PANEL_KERNELS(NAME, WT)                                                                                   \
+    PANEL_KERNEL(NAME, WT, 1)                                                                                     \
+    PANEL_KERNEL(NAME, WT, 2)                                                                                     \
+    PANEL_KERNEL(NAME, WT, 3)                                                                                     \
+    PANEL_KERNEL(NAME, WT, 4)                                                                                     \
+    PANEL_KERNEL(NAME, WT, 5)                                                                                     \
+    PANEL_KERNEL(NAME, WT, 6)
 
-PANEL_KERNEL(1)
-PANEL_KERNEL(2)
-PANEL_KERNEL(3)
-PANEL_KERNEL(4)
-PANEL_KERNEL(5)
-PANEL_KERNEL(6)
+PANEL_KERNELS(panel, float)
+PANEL_KERNELS(panel_bf16, uint16_t)
 
 /* AVX-512: one zmm register is a whole panel row of 16 columns, one load a whole 64-byte line. */
 #define ROW_STEP_512(R)                                                                                           \
@@ -66,15 +91,23 @@ PANEL_KERNEL(6)
 #define ROW_STORE_512(R)                                                                                          \
     if (rows > R) _mm512_storeu_ps(y + R * ldy, acc##R);
 
-#define PANEL_KERNEL_512(ROWS)                                                                                    \
-    __attribute__((target("avx512f"))) static void panel512_##ROWS(const float *x, int64_t in, const float *wp, \
-                                                                    float *y, int64_t ldy) {                   \
+#define LOAD_512_float(w) const __m512 w = _mm512_loadu_ps(wp + k * PANEL);
+#define LOAD_512_uint16_t(w) const __m512 w = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(wp + k * PANEL)));
+
+__attribute__((target("avx512f"))) static inline __m512 bf16x16_to_ps(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+#define PANEL_KERNEL_512(NAME, WT, ROWS)                                                                          \
+    __attribute__((target("avx512f"))) static void NAME##_##ROWS(const float *x, int64_t in, const void *panel, \
+                                                                  float *y, int64_t ldy) {                     \
         enum { rows = ROWS };                                                                                  \
+        const WT *wp = (const WT *)panel;                                                                      \
         __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0, acc4 = acc0, acc5 = acc0;     \
         __m512 acc6 = acc0, acc7 = acc0, acc8 = acc0, acc9 = acc0, acc10 = acc0, acc11 = acc0;                  \
         for (int64_t k = 0; k < in; k++) {                                                                     \
-            if (ROWS > 1) _mm_prefetch((const char *)(wp + (k + PREFETCH_LINES) * PANEL), _MM_HINT_T0);         \
-            const __m512 w = _mm512_loadu_ps(wp + k * PANEL);                                                  \
+            if (ROWS > 1) PREFETCH_AHEAD();                                                                  \
+            LOAD_512_##WT(w)                                                                                   \
             ROW_STEP_512(0) ROW_STEP_512(1) ROW_STEP_512(2) ROW_STEP_512(3) ROW_STEP_512(4) ROW_STEP_512(5)    \
             ROW_STEP_512(6) ROW_STEP_512(7) ROW_STEP_512(8) ROW_STEP_512(9) ROW_STEP_512(10) ROW_STEP_512(11)  \
         }                                                                                                      \
@@ -82,33 +115,41 @@ PANEL_KERNEL(6)
         ROW_STORE_512(6) ROW_STORE_512(7) ROW_STORE_512(8) ROW_STORE_512(9) ROW_STORE_512(10)                  \
         ROW_STORE_512(11)                                                                                      \
     }
+#define PANEL_KERNELS_512(NAME, WT)                                                                               \
+    PANEL_KERNEL_512(NAME, WT, 1)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 2)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 3)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 4)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 5)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 6)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 7)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 8)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 9)                                                                                 \
+    PANEL_KERNEL_512(NAME, WT, 10)                                                                                \
+    PANEL_KERNEL_512(NAME, WT, 11)                                                                                \
+    PANEL_KERNEL_512(NAME, WT, 12)
 
-PANEL_KERNEL_512(1)
-PANEL_KERNEL_512(2)
-PANEL_KERNEL_512(3)
-PANEL_KERNEL_512(4)
-PANEL_KERNEL_512(5)
-PANEL_KERNEL_512(6)
-PANEL_KERNEL_512(7)
-PANEL_KERNEL_512(8)
-PANEL_KERNEL_512(9)
-PANEL_KERNEL_512(10)
-PANEL_KERNEL_512(11)
-PANEL_KERNEL_512(12)
+PANEL_KERNELS_512(panel512, float)
+PANEL_KERNELS_512(panel512_bf16, uint16_t)
 
-typedef void (*panel_fn)(const float *, int64_t, const float *, float *, int64_t);
+typedef void (*panel_fn)(const float *, int64_t, const void *, float *, int64_t);
 typedef struct {
     int64_t max_group;
+    int64_t weight_bytes;            /* 4: float32 panels, 2: bfloat16 */
     panel_fn kernels[MAX_GROUP + 1]; /* kernels[r]: a group of r rows */
 } instruction_set;
 
-static const instruction_set AVX2 = {AVX2_GROUP, {0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6}};
-static const instruction_set AVX512 = {AVX512_GROUP,
-                                       {0, panel512_1, panel512_2, panel512_3, panel512_4, panel512_5, panel512_6,
-                                        panel512_7, panel512_8, panel512_9, panel512_10, panel512_11, panel512_12}};
+#define AVX2_SET(NAME, BYTES) {AVX2_GROUP, BYTES, {0, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6}}
+#define AVX512_SET(NAME, BYTES)                                                                                   \
+    {AVX512_GROUP, BYTES, {0, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, NAME##_8,     \
+                           NAME##_9, NAME##_10, NAME##_11, NAME##_12}}
+static const instruction_set AVX2 = AVX2_SET(panel, 4);
+static const instruction_set AVX2_BF16 = AVX2_SET(panel_bf16, 2);
+static const instruction_set AVX512 = AVX512_SET(panel512, 4);
+static const instruction_set AVX512_BF16 = AVX512_SET(panel512_bf16, 2);
 
 /* One panel against all n rows, in near-equal groups of at most max_group rows; y points at the panel's columns. */
-static void panel_rows(const instruction_set *isa, const float *x, int64_t n, int64_t in, const float *wp,
+static void panel_rows(const instruction_set *isa, const float *x, int64_t n, int64_t in, const char *wp,
                        const float *bias, float *y, int64_t ldy, int64_t width) {
     float tail[MAX_GROUP * PANEL];
     for (int64_t r = 0; r < n;) {
@@ -127,27 +168,38 @@ static void panel_rows(const instruction_set *isa, const float *x, int64_t n, in
             for (int64_t c = 0; c < width; c++) y[r * ldy + c] += bias[c];
 }
 
-static void packed_linear(const instruction_set *isa, const float *x, int64_t n, int64_t in, const float *wp,
+static void packed_linear(const instruction_set *isa, const float *x, int64_t n, int64_t in, const void *wp,
                           int64_t out, const float *bias, float *y) {
     const int64_t panels = (out + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static) if (panels * in >= 8192)
     for (int64_t p = 0; p < panels; p++) {
         const int64_t column = p * PANEL;
         const int64_t width = out - column < PANEL ? out - column : PANEL;
-        panel_rows(isa, x, n, in, wp + column * in, bias ? bias + column : 0, y + column, out, width);
+        const char *panel = (const char *)wp + column * in * isa->weight_bytes;
+        panel_rows(isa, x, n, in, panel, bias ? bias + column : 0, y + column, out, width);
     }
 }
 
-/* x (n, in), wp (ceil(out / 16), in, 16), bias (out,) or NULL, y (n, out); all contiguous float32. */
-void hh_packed_linear_avx2(const float *x, int64_t n, int64_t in, const float *wp, int64_t out, const float *bias,
+/* x (n, in), wp (ceil(out / 16), in, 16), bias (out,) or NULL, y (n, out); all contiguous, float32 except the
+ * `_bf16` functions' wp (bfloat16 bits). The avx512 functions only where hh_has_avx512() says so. */
+void hh_packed_linear_avx2(const float *x, int64_t n, int64_t in, const void *wp, int64_t out, const float *bias,
                            float *y) {
     packed_linear(&AVX2, x, n, in, wp, out, bias, y);
 }
 
-/* The same on AVX-512F; call it only where hh_has_avx512() says so. */
-void hh_packed_linear_avx512(const float *x, int64_t n, int64_t in, const float *wp, int64_t out,
+void hh_packed_linear_avx2_bf16(const float *x, int64_t n, int64_t in, const void *wp, int64_t out,
+                                const float *bias, float *y) {
+    packed_linear(&AVX2_BF16, x, n, in, wp, out, bias, y);
+}
+
+void hh_packed_linear_avx512(const float *x, int64_t n, int64_t in, const void *wp, int64_t out,
                              const float *bias, float *y) {
     packed_linear(&AVX512, x, n, in, wp, out, bias, y);
+}
+
+void hh_packed_linear_avx512_bf16(const float *x, int64_t n, int64_t in, const void *wp, int64_t out,
+                                  const float *bias, float *y) {
+    packed_linear(&AVX512_BF16, x, n, in, wp, out, bias, y);
 }
 
 int hh_has_avx512(void) {
