@@ -193,11 +193,14 @@ def prepare_command(args: argparse.Namespace) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training.arguments import TrainingArguments
+    """A run from the options given; with --resume, the options stored in --output-dir's training_args.json fill
+    in the ones not given (`continued_options`)."""
+    from .training.arguments import TrainingArguments, continued_options
     from .training.trainer import train
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    options = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    given = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    options = continued_options(given)
     options.setdefault("base_model", assets.PROVISIONED_BASE_ID)
     report = train(TrainingArguments(**options))
     print(f"trained {report.steps} steps, {report.tokens_per_second:.0f} tokens/s; heads in {args.output_dir}")
@@ -483,21 +486,35 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAINING_HELP = {
+    "features_dir": "folder written by `hf-hydra prepare` (not needed with --resume: the run's stored one)",
+    "output_dir": "folder for the heads, records and checkpoints; with --resume, the run to continue",
+    "resume": "continue the run in --output-dir from its newest checkpoint, with the arguments stored in its "
+    "training_args.json; options given here override them: a larger --max-steps or --epochs extends a finished "
+    "run, and the learning-rate schedule is then the new, longer one from the step reached",
+    "save_every_minutes": "also checkpoint when this much wall time has passed since the last checkpoint "
+    "(0: only by --save-every); default 10",
+}
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    """One --option per TrainingArguments field, typed from its default."""
+    """One --option per TrainingArguments field, typed from its default. Only --output-dir is required here:
+    --resume takes the rest from the run's training_args.json (`run_train` checks what is missing)."""
     from .training.arguments import TrainingArguments
 
     for field in dataclasses.fields(TrainingArguments):
         flag = "--" + field.name.replace("_", "-")
-        required = field.default is dataclasses.MISSING and field.name != "base_model"
+        described = _TRAINING_HELP.get(field.name)
         if isinstance(field.default, tuple):  # repeatable: --extra-features-dir A --extra-features-dir B
             parser.add_argument(flag.removesuffix("s"), dest=field.name, action="append", default=None)
         elif isinstance(field.default, bool) or field.name == "cpu":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=described)
         elif isinstance(field.default, int | float):
-            parser.add_argument(flag, type=type(field.default), default=None, help=f"default {field.default}")
+            parser.add_argument(
+                flag, type=type(field.default), default=None, help=described or f"default {field.default}"
+            )
         else:
-            parser.add_argument(flag, required=required, default=None)
+            parser.add_argument(flag, required=field.name == "output_dir", default=None, help=described)
 
 
 def build_parser() -> argparse.ArgumentParser:

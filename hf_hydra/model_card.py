@@ -44,7 +44,7 @@ from .tree import DYNAMIC_TREE, resolve_tree, static_default
 
 CARD_TEMPLATE = importlib.resources.files("hf_hydra.model_cards") / "hydra_heads.md"  # model_cards/ in the repo
 # Training arguments that say where files were or how the run was operated, not how the heads were trained.
-_UNSHOWN_TRAINING_ARGS = {"features_dir", "output_dir", "base_model", "eval_every", "save_every",
+_UNSHOWN_TRAINING_ARGS = {"features_dir", "output_dir", "base_model", "eval_every", "save_every", "save_every_minutes",
                           "keep_checkpoints", "resume", "cpu", "extra_features_dirs"}
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -24,7 +26,7 @@ from conftest import TINY_VOCAB, make_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_hydra import HydraForCausalLM
+from hf_hydra import HydraForCausalLM, cli
 from hf_hydra.configuration_hydra import DRAFT_VOCAB_PROJECTIONS
 from hf_hydra.training import checkpoints, schedule, trainer
 from hf_hydra.training.arguments import TrainingArguments
@@ -309,6 +311,135 @@ def test_resume_matches_straight_run(base_dir, features_dir, tmp_path):
     assert resumed.validation["top1"] == pytest.approx(straight.validation["top1"])
 
 
+class SteppedClock:
+    """A clock for `train(clock=...)`: `minutes` more at every reading (train reads it at the start and after each
+    step); at reading number `interrupt_at` it raises KeyboardInterrupt instead, as a Ctrl-C after that step."""
+
+    def __init__(self, minutes: float, interrupt_at: int | None = None) -> None:
+        self.minutes, self.interrupt_at, self.readings = minutes, interrupt_at, 0
+
+    def __call__(self) -> float:
+        if self.readings == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.readings += 1
+        return (self.readings - 1) * self.minutes * 60
+
+
+def checkpoint_steps(output_dir: str | Path) -> list[int]:
+    return [int(p.name.removeprefix("step-")) for p in checkpoints.checkpoint_dirs(Path(output_dir))]
+
+
+def test_checkpoints_every_few_minutes_or_every_n_steps_whichever_first(base_dir, features_dir, tmp_path):
+    """4 minutes a step, save_every_minutes=10, save_every=5: step 3 by time (12 min), 5 by steps, which restarts
+    the clock (so not 6), 8 as the last step. Both off: no checkpoint at all."""
+    args = tiny_args(
+        base_dir,
+        features_dir,
+        tmp_path / "timed",
+        max_steps=8,
+        save_every=5,
+        save_every_minutes=10.0,
+        keep_checkpoints=8,
+        eval_every=0,
+    )
+    clock = SteppedClock(minutes=4.0)
+    train(args, clock=clock)
+    assert checkpoint_steps(args.output_dir) == [3, 5, 8]
+    assert clock.readings == 1 + 8  # the start, then once per step
+    off = tiny_args(base_dir, features_dir, tmp_path / "off", max_steps=2, save_every=0, save_every_minutes=0.0)
+    train(off, clock=SteppedClock(minutes=60.0))
+    assert checkpoint_steps(off.output_dir) == []
+    with pytest.raises(ValueError, match="save_every_minutes"):
+        tiny_args(base_dir, features_dir, tmp_path, save_every_minutes=-1.0)
+
+
+def _logged_command(caplog, prefix: str) -> str:
+    """The command at the end of the one log message that starts with `prefix`."""
+    found = [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert len(found) == 1, [r.getMessage() for r in caplog.records]
+    return found[0].split(": ")[-1]
+
+
+def test_stopped_run_continues_with_the_logged_one_line_command(base_dir, features_dir, tmp_path, caplog):
+    """Ctrl-C after step 3 (checkpoint at 2); the command logged at the start and at the stop,
+    `hf-hydra train --output-dir DIR --resume` and nothing else, finishes it exactly as a straight 4-step run."""
+    common = {
+        "head_arch": "hydra++",
+        "noise_alpha": 5.0,
+        "dropout": 0.2,
+        "max_steps": 4,
+        "save_every": 2,
+        "warmup_steps": 1,
+        "min_lr_ratio": 0.5,
+        "eval_every": 1,
+    }
+    straight = train(tiny_args(base_dir, features_dir, tmp_path / "straight", **common))
+    out = tmp_path / "stopped"
+    caplog.set_level(logging.INFO, logger=trainer.__name__)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_args(base_dir, features_dir, out, **common), clock=SteppedClock(minutes=0.0, interrupt_at=3))
+    command = _logged_command(caplog, "To continue this run if it stops")
+    assert command == f"hf-hydra train --output-dir {out} --resume"
+    assert (
+        _logged_command(
+            caplog, "Training stopped at step 3 (KeyboardInterrupt); its newest checkpoint is step-00000002"
+        )
+        == command
+    )
+    assert checkpoint_steps(out) == [2]
+
+    assert cli.main(shlex.split(command)[1:]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert (summary["steps"], summary["tokens"]) == (straight.steps, straight.tokens) == (4, straight.tokens)
+    a, b = load_file(Path(straight.output_dir) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert summary["validation"]["top1"] == pytest.approx(straight.validation["top1"])
+    assert checkpoint_steps(out) == [2, 4]  # the last step too: the run can be extended
+
+
+def test_finished_run_is_extended_by_more_epochs(base_dir, features_dir, tmp_path):
+    """One epoch (3 steps), then `--resume --epochs 2`: steps 4-6 continue from the last step's checkpoint over the
+    second epoch, with the learning rate of the new 6-step schedule from step 4 on."""
+    args = tiny_args(
+        base_dir,
+        features_dir,
+        tmp_path / "run",
+        epochs=1.0,
+        max_steps=0,
+        warmup_steps=1,
+        min_lr_ratio=0.2,
+        eval_every=0,
+    )
+    assert cli.main(["train", *cli_options(args)]) == 0
+    out = Path(args.output_dir)
+    assert checkpoint_steps(out) == [3]
+    assert cli.main(["train", "--output-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in steps] == [0, 0, 0, 1, 1, 1]
+    old = [lr_factor(s, 1, 3, 0.2) for s in range(3)]
+    new = [lr_factor(s, 1, 6, 0.2) for s in range(3, 6)]
+    assert [r["lr"] for r in steps] == pytest.approx([args.lr * f for f in old + new])
+    store = FeatureStore(features_dir)
+    epoch_tokens = sum(len(store.sequence(i).input_ids) for i in split_sequences(len(store), 0.25, 0)[0])
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert (summary["steps"], summary["tokens"]) == (6, 2 * epoch_tokens)
+    stored = json.loads((out / "training_args.json").read_text())
+    assert (stored["epochs"], stored["max_steps"], stored["resume"], stored["head_arch"]) == (2.0, 0, True, "hydra")
+
+
+def test_train_without_features_or_a_run_to_resume_says_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match=r"no training_args.json in .*empty.*--features-dir FOLDER"):
+        cli.main(["train", "--output-dir", str(tmp_path / "empty"), "--resume"])
+    with pytest.raises(ValueError, match=r"Pass --features-dir FOLDER .* or --resume"):
+        cli.main(["train", "--output-dir", str(tmp_path / "new")])
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize(
     ("head_arch", "projection"),
     [
@@ -367,9 +498,17 @@ def _free_port() -> int:
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_two_process_accelerate_launch(mixed_precision, base_dir, features_dir, tmp_path):
     """The documented command, `accelerate launch --multi_gpu --num_processes 2 -m hf_hydra.cli train ...`, on a
-    CPU-only machine: 2 gloo processes (also under bf16 autocast)."""
+    CPU-only machine: 2 gloo processes (also under bf16 autocast). A tiny save_every_minutes makes the main
+    process's clock ask for a checkpoint at every step: both processes save (else the run would hang)."""
     args = tiny_args(
-        base_dir, features_dir, tmp_path / "ddp", max_steps=3, save_every=2, mixed_precision=mixed_precision
+        base_dir,
+        features_dir,
+        tmp_path / "ddp",
+        max_steps=3,
+        save_every=2,
+        save_every_minutes=1e-9,
+        keep_checkpoints=3,
+        mixed_precision=mixed_precision,
     )
     command = [
         sys.executable,
@@ -396,7 +535,11 @@ def test_two_process_accelerate_launch(mixed_precision, base_dir, features_dir, 
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((Path(args.output_dir) / "training_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 3
-    assert len(checkpoints.checkpoint_dirs(Path(args.output_dir))) == 2  # steps 2 and 3
+    assert checkpoint_steps(args.output_dir) == [1, 2, 3]  # 1 by time, 2 by steps (and time), 3 the last
+    continue_line = (
+        f"accelerate launch --multi_gpu --num_processes 2 -m hf_hydra.cli train --output-dir {args.output_dir}"
+    )
+    assert f"To continue this run if it stops: {continue_line} --resume" in result.stderr
     train_lines = [
         r
         for r in map(json.loads, (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines())

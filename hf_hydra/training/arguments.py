@@ -2,12 +2,17 @@
 
 A module of its own because every part of training reads the arguments (the objective its loss weights, the
 schedule its step counts and learning rate, the loop all the rest) while they depend on none of those parts; the
-CLI derives one `--option` per field from it without importing the training loop.
+CLI derives one `--option` per field from it without importing the training loop. A run stores its arguments
+in `output_dir/training_args.json`; `continued_options` reads them back, so `hf-hydra train --output-dir DIR
+--resume` alone continues a run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -16,6 +21,9 @@ from ..head_archs import DEFAULT_HEAD_ARCH, HEAD_ARCHS
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+ARGS_FILE = "training_args.json"  # in output_dir: the arguments of the run's latest start (or resume)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,15 @@ class TrainingArguments:
     seed: int = 0  # head initialisation, train/validation split, data order, noise and dropout
     validation_fraction: float = 0.05  # share of the sequences held out (split by sequence, seeded)
     eval_every: int = 50  # validate every N optimizer steps (and at the end); 0: only at the end
-    save_every: int = 100  # checkpoint every N optimizer steps (and at the end); 0: never
+    # Checkpoints (output_dir/checkpoints): every save_every optimizer steps (0: not by steps) and whenever
+    # save_every_minutes of wall time have passed since the last one (0: not by time), whichever comes first;
+    # the last step too when either is on, so a finished run can be extended
+    save_every: int = 100
+    save_every_minutes: float = 10.0
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
-    resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
+    # continue from the newest checkpoint in output_dir/checkpoints; a larger max_steps or epochs extends the run,
+    # and the learning rate then follows the new, longer schedule from the step reached
+    resume: bool = False
     save_dtype: str = "float32"  # dtype of the saved heads: "float32" | "float16" | "bfloat16"
     # accelerate's autocast for the training steps: "no" | "bf16" (CPUs with AVX512-BF16 or AMX, recent GPUs:
     # 1.6-1.9x cheaper Hydra++ steps measured here) | "fp16" (GPUs); weights, optimizer and validation stay float32
@@ -81,8 +95,41 @@ class TrainingArguments:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         if self.lr <= 0 or self.head_decay <= 0 or self.noise_alpha < 0 or self.warmup_steps < 0:
             raise ValueError("lr and head_decay must be > 0, noise_alpha and warmup_steps >= 0.")
+        if self.save_every < 0 or self.save_every_minutes < 0:
+            raise ValueError("save_every and save_every_minutes must be >= 0 (0 turns that trigger off).")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {choices}.")
+
+
+def continued_options(given: dict) -> dict:
+    """The options of `hf-hydra train`: those `given` on the command line (the ones not None), over the arguments
+    stored in `output_dir/training_args.json` when `resume` continues a run there. So `--output-dir DIR
+    --resume` alone continues DIR's run as it was started, and e.g. `--max-steps N` or `--epochs E` beside it
+    extends a finished run (its learning-rate schedule becomes the new, longer one from the step reached;
+    `--epochs` alone also drops a stored max_steps, which would otherwise set the length)."""
+    path = Path(given["output_dir"]) / ARGS_FILE
+    if not (given.get("resume") and path.is_file()):
+        if "features_dir" in given:
+            return given
+        if given.get("resume"):
+            raise ValueError(
+                f"--resume found no {ARGS_FILE} in {given['output_dir']}, so there is no run to continue there: "
+                "pass the --output-dir of an earlier `hf-hydra train` run, or start a run in this folder with "
+                "--features-dir FOLDER (and --base-model and the other options it needs)."
+            )
+        raise ValueError(
+            "Pass --features-dir FOLDER (a folder written by `hf-hydra prepare`), or --resume to continue "
+            "the run in --output-dir."
+        )
+    stored = json.loads(path.read_text())
+    known = {f.name for f in fields(TrainingArguments)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        logger.warning("Ignoring arguments in %s that this version does not know: %s", path, unknown)
+    options = {k: v for k, v in stored.items() if k in known} | given
+    if "epochs" in given and "max_steps" not in given:
+        options["max_steps"] = 0  # --epochs alone sets the length: a stored max_steps would override it
+    return options

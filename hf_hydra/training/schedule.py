@@ -1,7 +1,9 @@
 """How long a run is and how fast it learns: the number of optimizer steps, AdamW, the learning-rate schedule.
 
-The learning rate is a pure function of the step (linear warm-up, then cosine down to a floor), so a resumed run
-continues on the same curve from the scheduler state in its checkpoint.
+The learning rate is a pure function of the step (linear warm-up, then cosine down to a floor): a resumed run takes
+the step from its checkpoint and continues on its own curve, which is the checkpointed run's curve unless the resume
+changed the length (`max_steps`, `epochs`) or the peak (`lr`). A finished run extended to more steps thus follows
+the new, longer schedule from the step it reached (`follow_schedule`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from .arguments import TrainingArguments
 
@@ -40,8 +43,17 @@ def make_optimizer(heads: nn.Module, args: TrainingArguments) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total: int) -> LambdaLR:
     def factor(step: int) -> float:
         return lr_factor(step, args.warmup_steps, total, args.min_lr_ratio)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, factor)
+
+
+def follow_schedule(scheduler: LambdaLR, lr: float) -> None:
+    """After loading a checkpoint: put the optimizer's learning rate on this run's curve at the step reached. The
+    checkpoint holds its own run's peak and the rate that run set for the next step; the factor function is not
+    saved, so the scheduler already has this run's (with this run's length)."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(scheduler.last_epoch)

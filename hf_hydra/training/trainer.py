@@ -21,7 +21,10 @@ process logs and writes files.
 
 Outputs in `output_dir`: the heads (`save_pretrained`), `metrics.jsonl` (one line per step and per
 validation), `training_curves.png`, `training_summary.json`, `training_args.json`, and
-`checkpoints/step-NNNNNNNN` (accelerate state + step counter) for `resume=True`.
+`checkpoints/step-NNNNNNNN` (accelerate state + step counter) for `resume=True`, written every `save_every` steps,
+every `save_every_minutes` and at the last step. A stopped run continues with one line, logged when it starts and
+when it stops: `hf-hydra train --output-dir DIR --resume` (the arguments come from DIR/training_args.json; a larger
+`--max-steps` or `--epochs` beside it extends a finished run, on the new, longer learning-rate schedule).
 
 This module builds a run and drives the loop; the parts live beside it: `arguments.py` (what a run
 is asked to do), `batching.py` (split, order, padded batches), `objective.py` (the loss on a batch,
@@ -35,8 +38,9 @@ import contextlib
 import copy
 import json
 import logging
+import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,18 +54,17 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .. import assets
 from ..configuration_hydra import DRAFT_VOCAB_PROJECTIONS
 from ..modeling_hydra import HydraForCausalLM
-from .arguments import SAVE_DTYPES, TrainingArguments
+from .arguments import ARGS_FILE, SAVE_DTYPES, TrainingArguments
 from .batching import collate, micro_batch_stream, split_sequences
-from .checkpoints import Progress, checkpoint_dirs, save_checkpoint
+from .checkpoints import Progress, SaveTimer, checkpoint_dirs, checkpoint_due, save_checkpoint
 from .features import PREPARATION_FILE, FeatureCollection, FeatureStore, read_preparation
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics
 from .objective import HeadsObjective, evaluate
-from .schedule import make_optimizer, make_scheduler, total_steps
+from .schedule import follow_schedule, make_optimizer, make_scheduler, total_steps
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "training_summary.json"
-ARGS_FILE = "training_args.json"
 GLOO_SETTLE_SECONDS = 0.5  # pause before destroying a multi-process run's process group (see _end_process_group)
 
 
@@ -231,7 +234,16 @@ def _maybe_resume(run: _Run) -> int | None:
             logger.warning("resume=True but %s has no checkpoint; starting from scratch", run.output_dir)
         return None
     run.accelerator.load_state(str(found[-1]))
-    logger.info("Resumed from %s (step %d)", found[-1], run.progress.step)
+    follow_schedule(run.scheduler, run.args.lr)  # this run's schedule: longer when max_steps / epochs grew
+    logger.info("Resumed from %s (step %d of %d)", found[-1], run.progress.step, run.total)
+    if run.progress.step >= run.total:
+        logger.warning(
+            "The run in %s already reached step %d of its %d: nothing to train. To extend it, resume with a larger "
+            "--max-steps or --epochs.",
+            run.output_dir,
+            run.progress.step,
+            run.total,
+        )
     return run.progress.step
 
 
@@ -267,7 +279,7 @@ def _train_step(run: _Run, micro_batches: Iterator[tuple[int, list[int]]]) -> di
         teacher.append(losses.teacher.detach())
         counts += torch.stack([losses.lm_count, losses.lm_excluded, losses.teacher_count]).cpu()
         tokens += batch.num_tokens
-    lr = run.scheduler.get_last_lr()[0]
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step used
     run.scheduler.step()
     stats = torch.stack([torch.stack(x).mean(0) for x in (head_loss, lm, teacher)]).to(acc.device)  # (3, H)
     stats = acc.reduce(stats, reduction="mean")
@@ -300,8 +312,9 @@ def _validate(run: _Run, metrics: MetricsLog) -> dict:
     return result
 
 
-def _loop(run: _Run, metrics: MetricsLog) -> tuple[dict, float | None]:
+def _loop(run: _Run, metrics: MetricsLog, clock: Callable[[], float]) -> tuple[dict, float | None]:
     args, acc, progress = run.args, run.accelerator, run.progress
+    timer = SaveTimer(args.save_every_minutes, acc.is_main_process, clock)
     skip = progress.step * args.gradient_accumulation_steps
     stream = micro_batch_stream(
         run.train_indices, args.batch_size, args.seed, acc.num_processes, acc.process_index, skip=skip
@@ -326,16 +339,19 @@ def _loop(run: _Run, metrics: MetricsLog) -> tuple[dict, float | None]:
         bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{progress.tokens / progress.train_seconds:.0f}")
         if args.eval_every and progress.step % args.eval_every == 0 and progress.step < run.total:
             validation = _validate(run, metrics)
-        if args.save_every and (progress.step % args.save_every == 0 or progress.step == run.total):
+        timer.tick()
+        if checkpoint_due(acc, progress.step, run.total, args.save_every, timer):
             save_checkpoint(acc, run.output_dir, progress.step, args.keep_checkpoints)
+            timer.saved()
     bar.close()
     return validation, last_loss
 
 
-def train(args: TrainingArguments) -> TrainingReport:
+def train(args: TrainingArguments, clock: Callable[[], float] = time.monotonic) -> TrainingReport:
     """Train draft heads on a feature folder; write the heads and the run's records to `args.output_dir`.
 
-    Under `accelerate launch` it ends the process group when done: one call per launched process."""
+    `clock` (seconds) times `save_every_minutes` on the main process; tests pass their own. Under
+    `accelerate launch` it ends the process group when done: one call per launched process."""
     wall_start = time.perf_counter()
     run = _setup(args)
     acc = run.accelerator
@@ -346,28 +362,62 @@ def train(args: TrainingArguments) -> TrainingReport:
     metrics = MetricsLog(run.output_dir / METRICS_FILE, acc.is_main_process, resumed)
     if acc.is_main_process:
         _write_args(run)
-    validation, last_loss = _loop(run, metrics)
+        logger.info("To continue this run if it stops: %s", continue_command(args.output_dir, acc.num_processes))
+    try:
+        report = _train_to_end(run, metrics, clock, wall_start)
+    except BaseException as stop:  # KeyboardInterrupt included: say how to continue, then stop as asked
+        if acc.is_main_process:
+            _log_stopped(run, stop)
+        raise
+    acc.wait_for_everyone()
+    _end_process_group(acc)
+    return report
+
+
+def continue_command(output_dir: str, num_processes: int) -> str:
+    """The one line that continues the run in `output_dir` from its newest checkpoint, with its stored arguments
+    (under `accelerate launch` when the run has several processes)."""
+    launcher = ["hf-hydra"]
+    if num_processes > 1:
+        launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(num_processes), "-m", "hf_hydra.cli"]
+    return shlex.join([*launcher, "train", "--output-dir", output_dir, "--resume"])
+
+
+def _train_to_end(run: _Run, metrics: MetricsLog, clock: Callable[[], float], wall_start: float) -> TrainingReport:
+    """The loop, the final validation, the report; the main process writes the heads and the records."""
+    validation, last_loss = _loop(run, metrics, clock)
     validation = _validate(run, metrics) or validation
+    progress = run.progress
     report = TrainingReport(
         output_dir=str(run.output_dir),
-        head_arch=args.head_arch,
-        steps=run.progress.step,
-        tokens=run.progress.tokens,
-        train_seconds=run.progress.train_seconds,
+        head_arch=run.args.head_arch,
+        steps=progress.step,
+        tokens=progress.tokens,
+        train_seconds=progress.train_seconds,
         wall_seconds=time.perf_counter() - wall_start,
-        tokens_per_second=run.progress.tokens / run.progress.train_seconds if run.progress.train_seconds else 0.0,
-        num_processes=acc.num_processes,
+        tokens_per_second=progress.tokens / progress.train_seconds if progress.train_seconds else 0.0,
+        num_processes=run.accelerator.num_processes,
         train_sequences=len(run.train_indices),
         validation_sequences=len(run.val_indices),
         draft_vocab_coverage=draft_coverage(run.store, run.model.heads.draft_token_ids),
         final_train_loss=last_loss,
         validation=validation,
     )
-    if acc.is_main_process:
+    if run.accelerator.is_main_process:
         _finish(run, report)
-    acc.wait_for_everyone()
-    _end_process_group(acc)
     return report
+
+
+def _log_stopped(run: _Run, stop: BaseException) -> None:
+    found = checkpoint_dirs(run.output_dir)
+    newest = f"its newest checkpoint is {found[-1].name}" if found else "it has no checkpoint yet (it restarts)"
+    logger.warning(
+        "Training stopped at step %d (%s); %s. To continue: %s",
+        run.progress.step,
+        type(stop).__name__,
+        newest,
+        continue_command(run.args.output_dir, run.accelerator.num_processes),
+    )
 
 
 def _end_process_group(acc: Accelerator) -> None:
@@ -400,3 +450,10 @@ def _finish(run: _Run, report: TrainingReport) -> None:
         report.tokens_per_second,
         run.output_dir,
     )
+    if checkpoint_dirs(run.output_dir):  # the last step's checkpoint: the run can be extended
+        logger.info(
+            "To train it further from step %d (a new, longer learning-rate schedule from there): %s --max-steps N "
+            "(or --epochs E)",
+            report.steps,
+            continue_command(run.args.output_dir, report.num_processes),
+        )
