@@ -4,8 +4,8 @@ Private: a leading-underscore name or attribute of transformers or torch, or an 
 reads for its own bookkeeping. A transformers / torch upgrade may change such a thing in a patch release, without
 a deprecation. Each function below touches one, and `tests/test_compat.py` checks each on the installed versions
 and fails with a message naming the version and what changed. CI (`.ci/run`) tests torch 2.13.0 and the newest
-transformers the pin in pyproject.toml allows (`>=5.23,<5.25`: 5.24.x); the code was last checked against
-transformers 5.24.0 and torch 2.13.0+cpu.
+transformers the pin in pyproject.toml allows (`>=5.24,<5.25`: the pin admits only what CI tests); the code was
+last checked against transformers 5.24.0 and torch 2.13.0+cpu.
 
 Private uses, by seam function (function -> what it touches -> who calls it):
 

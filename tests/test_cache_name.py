@@ -1,18 +1,39 @@
-"""Tests for hf_hydra.cache_name: the KV cache goes in and comes out under the installed transformers' name."""
+"""Tests for hf_hydra.cache_name: the KV cache goes in and comes out under the installed transformers' name
+(`cache` on the pinned 5.24; `past_key_values` on older versions, which the GPU machine runs: gpu_check/)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
+from transformers.utils import ModelOutput
 
-from hf_hydra.cache_name import CACHE_NAME, cache_argument, output_cache
+from hf_hydra.cache_name import CACHE_NAME, cache_argument, cache_name, output_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_the_pinned_transformers_names_it_cache() -> None:
+    assert CACHE_NAME == "cache", (
+        f"transformers {transformers.__version__} calls the KV cache {CACHE_NAME!r}; the pin in pyproject.toml "
+        "admits 5.24.x only, where it is `cache`"
+    )
+
+
+def test_transformers_before_5_24_name_it_past_key_values() -> None:
+    @dataclasses.dataclass
+    class OutputBefore524(ModelOutput):  # CausalLMOutputWithPast's fields before the rename (e.g. 5.17)
+        loss: torch.FloatTensor | None = None
+        logits: torch.FloatTensor | None = None
+        past_key_values: DynamicCache | None = None
+
+    assert cache_name(OutputBefore524) == "past_key_values"
 
 
 @pytest.mark.parametrize("forward", [LlamaForCausalLM.forward, LlamaDecoderLayer.forward])

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -36,6 +39,25 @@ def changed(what: str) -> str:
 
 def _parameters(function: Callable) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(function).parameters)
+
+
+# ------------------------------------------------------------------------------ the pin: what CI tests
+
+
+def test_the_transformers_pin_admits_only_the_tested_minor_version() -> None:
+    """CI (.ci/run) installs the newest transformers the pin allows and tests nothing else, so the pin must not
+    admit another minor version: pip must not install a transformers that no CI run has tested."""
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pin = SpecifierSet(re.search(r'^\s*"transformers([^"]*)"', pyproject, re.MULTILINE).group(1))
+    installed = Version(transformers.__version__)
+    major, minor = installed.major, installed.minor
+    assert installed in pin, f"transformers {installed} is installed, outside the pin {pin} in pyproject.toml"
+    assert Version(f"{major}.{minor}.0") in pin, f"the pin {pin} refuses transformers {major}.{minor}.0"
+    others = [f"{major - 1}.999.0", f"{major}.{minor + 1}.0"] + ([f"{major}.{minor - 1}.99"] if minor else [])
+    assert not [version for version in others if Version(version) in pin], (
+        f"the pin {pin} admits another minor version than the {major}.{minor} CI tests: narrow it in pyproject.toml "
+        "(or make .ci/run test every minor version it admits)"
+    )
 
 
 # ------------------------------------------------------------------------------ attn_implementation
