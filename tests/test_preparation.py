@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VOCAB, make_tiny_model
+from filelock import FileLock
 from transformers import AutoModelForCausalLM
 
 from hf_hydra.training.features import (
@@ -22,7 +23,7 @@ from hf_hydra.training.features import (
     sequences_done,
     write_done_ranges,
 )
-from hf_hydra.training.preparation import BaseSource, prepare_features
+from hf_hydra.training.preparation import LOCK_FILE, BaseSource, prepare_features
 
 TOPK = 5
 
@@ -157,6 +158,12 @@ def test_spawned_workers_write_what_one_process_writes(base_dir, sequences, stra
     assert report.sequences == len(sequences)
     assert json.loads((out / "meta.json").read_text()) == json.loads((straight / "meta.json").read_text())
     assert_same_arrays(out, straight)
+
+
+def test_a_second_run_on_a_folder_being_written_is_refused(base, sequences, straight):
+    with FileLock(straight / LOCK_FILE), pytest.raises(RuntimeError, match="Another `hf-hydra prepare` is writing"):
+        prepare_features(base, sequences, straight, base_model_id="tiny", teacher_topk=TOPK)
+    prepare_features(base, sequences, straight, base_model_id="tiny", teacher_topk=TOPK)  # free again: nothing to do
 
 
 def test_workers_need_a_source_not_a_loaded_model(base, sequences, tmp_path):

@@ -9,6 +9,7 @@ processes. The disk space the folder needs is logged, and checked against the fr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -38,6 +40,7 @@ from .features import (
 )
 
 logger = logging.getLogger(__name__)
+LOCK_FILE = "prepare.lock"  # in the feature folder, held by the run writing it
 
 
 @dataclass(frozen=True)
@@ -147,10 +150,11 @@ def prepare_features(
     progress = tqdm(total=meta.num_tokens, initial=meta.num_tokens - sum(c.tokens for c in pending), unit="tok",
                     desc="prepare", smoothing=0.05)
     try:
-        if workers == 1:
-            _run_here(base, folder, teacher_topk, pending, done, progress)
-        else:
-            _run_in_workers(base, folder, teacher_topk, pending, done, progress, workers, threads_per_worker)
+        with _only_writer(folder):
+            if workers == 1:
+                _run_here(base, folder, teacher_topk, pending, done, progress)
+            else:
+                _run_in_workers(base, folder, teacher_topk, pending, done, progress, workers, threads_per_worker)
     finally:
         progress.close()
     return PrepareReport(sequences=sum(len(c.sequences) for c in pending), tokens=sum(c.tokens for c in pending),
@@ -184,6 +188,24 @@ def _allocate(folder: Path, meta: FeatureMeta, offsets: np.ndarray) -> None:
     for name, (shape, dtype) in array_layout(meta).items():
         open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
     (folder / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
+
+
+@contextlib.contextmanager
+def _only_writer(folder: Path) -> Iterator[None]:
+    """Hold the folder's lock while writing: a second run on the same folder (one started again without stopping
+    the first) is refused instead of both recording progress over each other."""
+    lock = FileLock(folder / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(
+            f"Another `hf-hydra prepare` is writing {folder} (it holds {folder / LOCK_FILE}); wait for it to finish "
+            "or stop it, then run the command again to resume."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _open_arrays(folder: Path) -> dict[str, np.memmap]:
