@@ -163,9 +163,9 @@ def run_prepare(args: argparse.Namespace) -> int:
         source if args.workers > 1 else source.load(), sequences, args.out, assets.portable_model_id(base_path),
         teacher_topk=args.teacher_topk, workers=args.workers, threads_per_worker=threads,
     )
-    write_preparation(args.out, prepare_command(args))
+    write_preparation(args.out, prepare_command(args), report.cpu_seconds)
     print(f"cached {report.tokens} tokens of {report.sequences} sequences, {report.tokens_per_second:.0f} tokens/s; "
-          f"{report.disk.describe()}")
+          f"{report.cpu_seconds / 3600:.2f} CPU hours so far; {report.disk.describe()}")
     return 0
 
 

@@ -215,6 +215,9 @@ def _training_section(config: dict, folder: Path) -> str:
             lines += ["", "Validation top-1 accuracy per head: " + ", ".join(f"{x:.3f}" for x in top1) + "."]
     recorded = _read_json(folder / PREPARATION_FILE) or {}
     preparation, extra = recorded.get("command"), [c for c in recorded.get("extra_commands", []) if c]
+    if recorded.get("cpu_seconds") is not None:
+        hours = recorded["cpu_seconds"] / 3600
+        lines += ["", f"Preparing the features took {hours:.2f} CPU hours (`hf-hydra prepare`, all its threads)."]
     lines += ["", "To reproduce:", "", "```bash"]
     lines += [preparation, *extra] if preparation else ["# features: `hf-hydra prepare ... --out features/`"]
     num_processes = (summary or {}).get("num_processes") or 1

@@ -19,9 +19,10 @@ from hf_hydra.training.features import (
     FeatureStore,
     TokenizedSequence,
     bytes_per_token,
+    read_cpu_seconds,
     read_done_ranges,
     sequences_done,
-    write_done_ranges,
+    write_progress,
 )
 from hf_hydra.training.preparation import LOCK_FILE, BaseSource, prepare_features
 
@@ -113,6 +114,7 @@ def test_a_stopped_run_resumes_and_computes_each_sequence_once(base, sequences, 
         with pytest.raises(KeyboardInterrupt):
             prepare_features(base, sequences, out, base_model_id="tiny", teacher_topk=TOPK, chunk_size=3)
         assert read_done_ranges(out) == [(0, 6)]
+        stopped_cpu = read_cpu_seconds(out)
         with pytest.raises(ValueError, match="incomplete"):
             FeatureStore(out)
         counter.calls, counter.stop_at = 0, None
@@ -121,6 +123,7 @@ def test_a_stopped_run_resumes_and_computes_each_sequence_once(base, sequences, 
         counter.remove()
     assert counter.calls == report.sequences == 5
     assert report.tokens == sum(len(s.input_ids) for s in sequences[6:])
+    assert report.cpu_seconds > stopped_cpu > 0  # the CPU time of both runs, the stopped one's recorded chunks too
     assert_same_arrays(out, straight)
 
 
@@ -132,7 +135,7 @@ def test_a_rerun_fills_holes_left_by_out_of_order_workers(base, sequences, strai
         array = np.load(out / f"{name}.npy", mmap_mode="r+")
         array[:] = 0
         array.flush()
-    write_done_ranges(out, [(3, 5), (0, 0), (8, 11), (4, 6)])
+    write_progress(out, [(3, 5), (0, 0), (8, 11), (4, 6)], cpu_seconds=2.0)
     assert read_done_ranges(out) == [(3, 6), (8, 11)] and sequences_done(out) == 0
     for name in ("hidden", "teacher_ids"):  # what the "done" ranges held is kept: restore it from the straight run
         array = np.load(out / f"{name}.npy", mmap_mode="r+")
@@ -147,6 +150,7 @@ def test_a_rerun_fills_holes_left_by_out_of_order_workers(base, sequences, strai
     finally:
         counter.remove()
     assert counter.calls == report.sequences == 5  # sequences 0, 1, 2, 6, 7
+    assert report.cpu_seconds > 2.0 and read_cpu_seconds(out) == report.cpu_seconds
     assert sequences_done(out) == len(sequences)
     assert_same_arrays(out, straight)
 
@@ -155,7 +159,7 @@ def test_spawned_workers_write_what_one_process_writes(base_dir, sequences, stra
     out = tmp_path / "workers"
     report = prepare_features(BaseSource(str(base_dir)), sequences, out, base_model_id="tiny", teacher_topk=TOPK,
                               chunk_size=2, workers=2, threads_per_worker=1)
-    assert report.sequences == len(sequences)
+    assert report.sequences == len(sequences) and report.cpu_seconds > 0  # the workers' CPU time
     assert json.loads((out / "meta.json").read_text()) == json.loads((straight / "meta.json").read_text())
     assert_same_arrays(out, straight)
 

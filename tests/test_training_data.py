@@ -303,12 +303,14 @@ def test_cli_prepare_records_its_command_and_training_carries_it_to_the_card(tmp
     assert len(FeatureStore(features)) == 4
     command = (f"hf-hydra prepare --data {data} --out {features} --max-length 512 --teacher-topk 32 "
                f"--base {base_dir}")
-    assert json.loads((features / "preparation.json").read_text()) == {"command": command}
+    record = json.loads((features / "preparation.json").read_text())
+    assert record.keys() == {"command", "cpu_seconds"} and record["command"] == command and record["cpu_seconds"] > 0
 
     args = TrainingArguments(features_dir=str(features), output_dir=str(heads), base_model=str(base_dir),
                              num_heads=2, draft_vocab_size=16, max_steps=1, batch_size=2,
                              gradient_accumulation_steps=1, validation_fraction=0.25, save_every=0)
     train(args)
-    assert (heads / "preparation.json").read_text() == (features / "preparation.json").read_text()
+    assert json.loads((heads / "preparation.json").read_text()) == record
     card = (heads / "README.md").read_text()
     assert f"{command}\nhf-hydra train --features-dir {features} --output-dir heads/ " in card
+    assert f"Preparing the features took {record['cpu_seconds'] / 3600:.2f} CPU hours" in card

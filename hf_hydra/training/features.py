@@ -14,8 +14,9 @@ Layout of a feature folder (N tokens over S sequences, d hidden size, k teacher 
     hidden.npy             (N, d) float16   base post-norm last hidden state
     teacher_ids.npy        (N, k) int32     top-k of the base's next-token distribution at t
     teacher_logprobs.npy   (N, k) float16   their log-probabilities
-    progress.json          {"sequences_done": n, "done_after": [[a, b], ...]}: sequences [0, n) and each
-                           [a, b) are written; a rerun computes only the others
+    progress.json          {"sequences_done": n, "done_after": [[a, b], ...], "cpu_seconds": c}: sequences
+                           [0, n) and each [a, b) are written (a rerun computes only the others), in c seconds of
+                           CPU time over every run so far
     preparation.json       {"command": ...}: the `hf-hydra prepare` command that made the folder (CLI only)
 
 `preparation.py` writes a folder; this module defines its layout and reads it.
@@ -186,15 +187,18 @@ def _compatibility(meta: FeatureMeta) -> tuple:
     return meta.base_model, meta.hidden_size, meta.vocab_size, meta.teacher_topk
 
 
-def write_preparation(folder: str | Path, command: str) -> None:
-    """Record the command that made the feature folder (training copies it beside the heads)."""
-    (Path(folder) / PREPARATION_FILE).write_text(json.dumps({"command": command}, indent=2))
+def write_preparation(folder: str | Path, command: str, cpu_seconds: float | None = None) -> None:
+    """Record the command that made the feature folder and the CPU seconds it took (training copies the command
+    beside the heads)."""
+    record = {"command": command} | ({} if cpu_seconds is None else {"cpu_seconds": cpu_seconds})
+    (Path(folder) / PREPARATION_FILE).write_text(json.dumps(record, indent=2))
 
 
-def read_preparation(folder: str | Path) -> str | None:
-    """The command recorded by `write_preparation` (None: not made by the CLI)."""
+def read_preparation(folder: str | Path) -> dict | None:
+    """The record of `write_preparation`: "command" and, where measured, "cpu_seconds" (None: not made by the
+    CLI)."""
     path = Path(folder) / PREPARATION_FILE
-    return json.loads(path.read_text()).get("command") if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_done_ranges(folder: Path) -> list[tuple[int, int]]:
@@ -207,14 +211,21 @@ def read_done_ranges(folder: Path) -> list[tuple[int, int]]:
     return merge_ranges(ranges)
 
 
-def write_done_ranges(folder: Path, ranges: Sequence[tuple[int, int]]) -> None:
-    """Record the written ranges (atomically: a stop mid-write keeps the previous record)."""
+def write_progress(folder: Path, ranges: Sequence[tuple[int, int]], cpu_seconds: float) -> None:
+    """Record the written ranges and the CPU time spent so far (atomically: a stop mid-write keeps the previous
+    record)."""
     merged = merge_ranges(ranges)
     prefix = merged[0][1] if merged and merged[0][0] == 0 else 0
     rest = [list(r) for r in merged if r[0] != 0]
     tmp = folder / "progress.json.tmp"
-    tmp.write_text(json.dumps({"sequences_done": prefix, "done_after": rest}))
+    tmp.write_text(json.dumps({"sequences_done": prefix, "done_after": rest, "cpu_seconds": cpu_seconds}))
     tmp.replace(folder / "progress.json")
+
+
+def read_cpu_seconds(folder: Path) -> float:
+    """CPU seconds the runs preparing the folder have spent so far (0 where not recorded)."""
+    path = folder / "progress.json"
+    return float(json.loads(path.read_text()).get("cpu_seconds", 0.0)) if path.is_file() else 0.0
 
 
 def sequences_done(folder: Path) -> int:

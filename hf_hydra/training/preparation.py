@@ -35,8 +35,9 @@ from .features import (
     TokenizedSequence,
     array_layout,
     bytes_per_token,
+    read_cpu_seconds,
     read_done_ranges,
-    write_done_ranges,
+    write_progress,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class DiskPlan:
 class PrepareReport:
     sequences: int  # computed by this run (not counting those an earlier run wrote)
     tokens: int
-    seconds: float
+    seconds: float  # wall time of this run
+    cpu_seconds: float  # CPU time of the folder's preparation so far, every run and worker process
     disk: DiskPlan
 
     @property
@@ -149,16 +151,34 @@ def prepare_features(
     start_time = time.perf_counter()
     progress = tqdm(total=meta.num_tokens, initial=meta.num_tokens - sum(c.tokens for c in pending), unit="tok",
                     desc="prepare", smoothing=0.05)
+    record = _Record(folder, done, read_cpu_seconds(folder), progress)
     try:
         with _only_writer(folder):
             if workers == 1:
-                _run_here(base, folder, teacher_topk, pending, done, progress)
+                _run_here(base, teacher_topk, pending, record)
             else:
-                _run_in_workers(base, folder, teacher_topk, pending, done, progress, workers, threads_per_worker)
+                _run_in_workers(base, teacher_topk, pending, record, workers, threads_per_worker)
     finally:
         progress.close()
     return PrepareReport(sequences=sum(len(c.sequences) for c in pending), tokens=sum(c.tokens for c in pending),
-                         seconds=time.perf_counter() - start_time, disk=disk)
+                         seconds=time.perf_counter() - start_time, cpu_seconds=record.cpu_seconds, disk=disk)
+
+
+@dataclass
+class _Record:
+    """What the folder's progress.json says, kept up to date as chunks complete."""
+
+    folder: Path
+    done: list[tuple[int, int]]
+    cpu_seconds: float
+    progress: tqdm
+
+    def completed(self, chunk: _Chunk, cpu_seconds: float) -> None:
+        """`chunk` is on disk, computed in `cpu_seconds` of CPU time."""
+        self.done.append((chunk.first, chunk.end))
+        self.cpu_seconds += cpu_seconds
+        write_progress(self.folder, self.done, self.cpu_seconds)
+        self.progress.update(chunk.tokens)
 
 
 def _base_sizes(base: PreTrainedModel | BaseSource) -> tuple[int, int]:
@@ -232,9 +252,10 @@ def _disk_plan(folder: Path, meta: FeatureMeta, remaining_tokens: int) -> DiskPl
                     free_bytes=shutil.disk_usage(existing).free)
 
 
-def _write_chunk(base: PreTrainedModel, arrays: dict[str, np.memmap], chunk: _Chunk, topk: int) -> None:
-    """Compute the chunk's features, write them into its rows and flush them to disk."""
-    row = chunk.row
+def _write_chunk(base: PreTrainedModel, arrays: dict[str, np.memmap], chunk: _Chunk, topk: int) -> float:
+    """Compute the chunk's features, write them into its rows and flush them to disk; the CPU seconds it took
+    (this process's, all its threads)."""
+    cpu_start, row = time.process_time(), chunk.row
     for sequence in chunk.sequences:
         ids = torch.tensor(sequence.input_ids, dtype=torch.long)
         end = row + ids.shape[0]
@@ -246,36 +267,30 @@ def _write_chunk(base: PreTrainedModel, arrays: dict[str, np.memmap], chunk: _Ch
         row = end
     for array in arrays.values():
         array.flush()
+    return time.process_time() - cpu_start
 
 
-def _run_here(
-    model: PreTrainedModel, folder: Path, topk: int, pending: list[_Chunk], done: list, progress: tqdm
-) -> None:
-    arrays = _open_arrays(folder)
+def _run_here(model: PreTrainedModel, topk: int, pending: list[_Chunk], record: _Record) -> None:
+    arrays = _open_arrays(record.folder)
     for chunk in pending:
-        _write_chunk(model, arrays, chunk, topk)
-        done.append((chunk.first, chunk.end))
-        write_done_ranges(folder, done)
-        progress.update(chunk.tokens)
+        record.completed(chunk, _write_chunk(model, arrays, chunk, topk))
 
 
-def _run_in_workers(source: BaseSource, folder: Path, topk: int, pending: list[_Chunk], done: list,
-                    progress: tqdm, workers: int, threads: int) -> None:
+def _run_in_workers(
+    source: BaseSource, topk: int, pending: list[_Chunk], record: _Record, workers: int, threads: int
+) -> None:
     """Hand the chunks to `workers` spawned processes, recording each as it completes (a few queued ahead each)."""
     context = multiprocessing.get_context("spawn")  # forking a process that has run OpenMP can hang
     queue = iter(pending)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(source, str(folder), topk, threads)) as pool:
+                             initargs=(source, str(record.folder), topk, threads)) as pool:
         running = {pool.submit(_worker_chunk, chunk): chunk for chunk in _take(queue, 2 * workers)}
         try:
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     chunk = running.pop(future)
-                    future.result()  # a worker's error stops the run here
-                    done.append((chunk.first, chunk.end))
-                    write_done_ranges(folder, done)
-                    progress.update(chunk.tokens)
+                    record.completed(chunk, future.result())  # a worker's error stops the run here
                     running.update({pool.submit(_worker_chunk, c): c for c in _take(queue, 1)})
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -305,5 +320,5 @@ def _start_worker(source: BaseSource, folder: str, topk: int, threads: int) -> N
     _worker.topk = topk
 
 
-def _worker_chunk(chunk: _Chunk) -> None:
-    _write_chunk(_worker.base, _worker.arrays, chunk, _worker.topk)
+def _worker_chunk(chunk: _Chunk) -> float:
+    return _write_chunk(_worker.base, _worker.arrays, chunk, _worker.topk)

@@ -430,15 +430,25 @@ def _end_process_group(acc: Accelerator) -> None:
         acc.end_training()
 
 
+def _preparation_record(run: _Run, primary: dict) -> dict:
+    """The commands that made the feature folders and their CPU seconds in all (where every folder has them)."""
+    extra = [read_preparation(folder) or {} for folder in run.args.extra_features_dirs]
+    record = {"command": primary.get("command")}
+    if extra:
+        record["extra_commands"] = [e.get("command") for e in extra]
+    seconds = [r.get("cpu_seconds") for r in (primary, *extra)]
+    if all(s is not None for s in seconds):
+        record["cpu_seconds"] = sum(seconds)
+    return record
+
+
 def _finish(run: _Run, report: TrainingReport) -> None:
     """Main process: heads in `save_dtype`, summary JSON, plot."""
     summary = {**asdict(report), "args": asdict(run.args)}
     (run.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    command = read_preparation(run.args.features_dir)
-    if command is not None:  # how the features were made: the model card's reproduce section shows it
-        extra = [read_preparation(folder) for folder in run.args.extra_features_dirs]
-        record = {"command": command, **({"extra_commands": extra} if extra else {})}
-        (run.output_dir / PREPARATION_FILE).write_text(json.dumps(record, indent=2))
+    primary = read_preparation(run.args.features_dir)
+    if primary is not None:  # how the features were made: the model card's reproduce section shows it
+        (run.output_dir / PREPARATION_FILE).write_text(json.dumps(_preparation_record(run, primary), indent=2))
     save_heads(run.model, run.output_dir, SAVE_DTYPES[run.args.save_dtype])  # also writes the model card
     with contextlib.suppress(ValueError, KeyError):  # an empty or foreign metrics file: no plot, no failure
         plot_metrics(run.output_dir / METRICS_FILE, run.output_dir / PLOT_FILE)
