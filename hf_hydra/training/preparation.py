@@ -133,6 +133,52 @@ def prepare_features(
     if isinstance(base, BaseSource) and workers == 1:
         base = base.load()
     folder = Path(out_dir)
+    plan = _plan(base, sequences, folder, base_model_id, teacher_topk, chunk_size)
+    _allocate(folder, plan.meta, plan.offsets)
+    start_time = time.perf_counter()
+    progress = tqdm(total=plan.meta.num_tokens, initial=plan.meta.num_tokens - plan.tokens, unit="tok",
+                    desc="prepare", smoothing=0.05)
+    record = _Record(folder, plan.done, read_cpu_seconds(folder), progress)
+    try:
+        with _only_writer(folder):
+            if workers == 1:
+                _run_here(base, teacher_topk, plan.pending, record)
+            else:
+                _run_in_workers(base, teacher_topk, plan.pending, record, workers, threads_per_worker)
+    finally:
+        progress.close()
+    return PrepareReport(sequences=plan.sequences, tokens=plan.tokens, seconds=time.perf_counter() - start_time,
+                         cpu_seconds=record.cpu_seconds, disk=plan.disk)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run will compute: the folder's layout, what earlier runs wrote, the chunks left, the disk."""
+
+    meta: FeatureMeta
+    offsets: np.ndarray  # (S + 1,) int64
+    done: list[tuple[int, int]]
+    pending: list[_Chunk]
+    disk: DiskPlan
+
+    @property
+    def sequences(self) -> int:
+        return sum(len(c.sequences) for c in self.pending)
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.pending)
+
+
+def _plan(
+    base: PreTrainedModel | BaseSource,
+    sequences: Sequence[TokenizedSequence],
+    folder: Path,
+    base_model_id: str,
+    teacher_topk: int,
+    chunk_size: int,
+) -> _Plan:
+    """Check a resumed folder matches, find the chunks left, and refuse a run the disk cannot hold."""
     offsets = np.concatenate([[0], np.cumsum([len(s.input_ids) for s in sequences], dtype=np.int64)])
     hidden_size, vocab_size = _base_sizes(base)
     meta = FeatureMeta(format_version=FORMAT_VERSION, base_model=base_model_id, hidden_size=hidden_size,
@@ -142,26 +188,12 @@ def prepare_features(
     done = read_done_ranges(folder)
     pending = _pending_chunks(sequences, offsets, done, chunk_size)
     disk = _disk_plan(folder, meta, sum(c.tokens for c in pending))
-    logger.info("prepare: %d of %d sequences to compute; %s", sum(len(c.sequences) for c in pending),
-                len(sequences), disk.describe())
+    plan = _Plan(meta, offsets, done, pending, disk)
+    logger.info("prepare: %d of %d sequences to compute; %s", plan.sequences, len(sequences), disk.describe())
     if disk.remaining_bytes > disk.free_bytes:
         raise ValueError(f"prepare needs {disk.remaining_bytes / 1e9:.2f} GB more in {folder} but only "
                          f"{disk.free_bytes / 1e9:.2f} GB are free; free some space or choose another --out.")
-    _allocate(folder, meta, offsets)
-    start_time = time.perf_counter()
-    progress = tqdm(total=meta.num_tokens, initial=meta.num_tokens - sum(c.tokens for c in pending), unit="tok",
-                    desc="prepare", smoothing=0.05)
-    record = _Record(folder, done, read_cpu_seconds(folder), progress)
-    try:
-        with _only_writer(folder):
-            if workers == 1:
-                _run_here(base, teacher_topk, pending, record)
-            else:
-                _run_in_workers(base, teacher_topk, pending, record, workers, threads_per_worker)
-    finally:
-        progress.close()
-    return PrepareReport(sequences=sum(len(c.sequences) for c in pending), tokens=sum(c.tokens for c in pending),
-                         seconds=time.perf_counter() - start_time, cpu_seconds=record.cpu_seconds, disk=disk)
+    return plan
 
 
 @dataclass
