@@ -185,15 +185,14 @@ class PanelLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"PanelLinear expects inputs of size {self.in_features}, got shape {tuple(x.shape)}.")
         rows = x.numel() // self.in_features
-        if rows <= MAX_PANEL_ROWS:
+        if rows <= MAX_PANEL_ROWS or self.weight_dtype is torch.bfloat16:  # torch has no float32 x bfloat16 matmul
             return self._panel_rows(x if x.is_contiguous() else x.contiguous(), rows)
         flat = x.reshape(rows, self.in_features)  # (n, in)
-        panels = self.panels.float()  # (ceil(out/16), in, 16); a float32 copy only where the panels are bfloat16
         if rows <= MAX_BATCHED_ROWS:  # (panels, n, 16) -> (n, panels * 16)
-            out = torch.matmul(flat, panels).transpose(0, 1).reshape(rows, -1)[:, : self.out_features]
+            out = torch.matmul(flat, self.panels).transpose(0, 1).reshape(rows, -1)[:, : self.out_features]
             out = out if self.bias is None else out + self.bias
         else:
-            weight = panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]  # (out, in)
+            weight = self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]  # (out, in)
             out = nn.functional.linear(flat, weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 

@@ -106,7 +106,8 @@ def test_avx512_and_avx2_kernels_agree_bit_for_bit(rows: int, out_features: int)
 @pytest.mark.parametrize("out_features", [16, 45])
 def test_bfloat16_panels_compute_the_float32_kernel_on_rounded_weights(rows: int, out_features: int) -> None:
     """Widening a bfloat16 weight to float32 is exact, so a bfloat16 panel's outputs are the float32 kernel's on
-    the weights rounded to bfloat16, bit for bit (beyond 32 rows: torch's kernels on those weights)."""
+    the weights rounded to bfloat16, bit for bit, at any row count (the float32 layer takes torch's kernels beyond
+    32 rows: equal up to rounding there)."""
     torch.manual_seed(rows)
     linear = nn.Linear(577, out_features)
     rounded = nn.Linear(577, out_features)
