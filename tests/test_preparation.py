@@ -56,9 +56,15 @@ def sequences() -> list[TokenizedSequence]:
 
 @pytest.fixture(scope="module")
 def straight(base, sequences, tmp_path_factory) -> Path:
-    """One uninterrupted run in this process."""
+    """One uninterrupted run in this process, on one thread as the tests and the workers run: module fixtures are
+    built before the function-scoped `one_torch_thread`, and sums split across threads round differently."""
     out = tmp_path_factory.mktemp("straight")
-    prepare_features(base, sequences, out, base_model_id="tiny", teacher_topk=TOPK, chunk_size=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prepare_features(base, sequences, out, base_model_id="tiny", teacher_topk=TOPK, chunk_size=3)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
