@@ -384,7 +384,7 @@ class TauSource:
 MEASURED_TAU = tuple(
     TauSource(heads, tree, bench, heads)
     for tree, bench in (
-        (DEFAULT_TREE, "artifacts/bench/main-s9-retuned/bench.json"),  # 80 prompts
+        (DEFAULT_TREE, "artifacts/bench/main-1280-retuned/bench.json"),  # 80 prompts
         ("cpu_small_11", "artifacts/bench/same-tree-1280/bench.json"),  # 16 prompts
     )
     for heads in SHIPPED_HEADS

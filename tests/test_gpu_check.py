@@ -56,13 +56,13 @@ def test_trees_of_every_profiled_size() -> None:
 
 
 def test_tau_of_the_shipped_heads_comes_from_the_named_bench() -> None:
-    """The default trees' tau is main-s9-retuned's (80 MT-Bench prompts), checked against the tree it ran; a tree
+    """The default trees' tau is main-1280-retuned's (80 MT-Bench prompts), checked against the tree it ran; a tree
     no bench ran gets the heads' expectation, labelled as such."""
     default = profile_gpu.shipped_heads_tree("hydra++")
     tau = profile_gpu.shipped_tau("hydra++", profile_gpu.DEFAULT_TREE, default)
-    report = json.loads((ROOT / "artifacts/bench/main-s9-retuned/bench.json").read_text())
+    report = json.loads((ROOT / "artifacts/bench/main-1280-retuned/bench.json").read_text())
     assert tau.value == next(row["tau"] for row in report["summary"] if row["method"] == "hydra++")
-    assert tau.measured and "main-s9-retuned" in tau.source and "80 prompts" in tau.source
+    assert tau.measured and "main-1280-retuned" in tau.source and "80 prompts" in tau.source
     expected = profile_gpu.shipped_tau("hydra++", "mc_sim_7b_63", profile_gpu.MC_SIM_7B_63)
     assert not expected.measured and "rank_accuracy" in expected.source and expected.value > 1.0
     with pytest.raises(ValueError, match="not on"):
