@@ -111,28 +111,13 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
     the kept path is argmax_r L(r) (first on ties), and the bonus token is y at its last node. Every
     kept token is what greedy decoding would have produced, so the output is unchanged.
 
-    The tree is small and its shape lives on the host (`TreeBuffers.leaf_node_paths`), so the path is found there,
-    the drafts and the argmax read in one host synchronisation: a few list lookups instead of a dozen tensor ops.
-
     tokens: (T,) drafted tree; logits: (T, V) the base's logits (or processed scores) at each node.
     """
     predicted = logits.argmax(dim=-1)  # (T,)
-    drafted, chosen = torch.stack((tokens, predicted)).tolist()  # one host synchronisation
-    best: tuple[int, ...] = (0,)
-    for leaf_path in tree.leaf_node_paths:
-        kept = _kept_nodes(leaf_path, drafted, chosen)
-        if kept > len(best):
-            best = leaf_path[:kept]
-    return Acceptance(nodes=torch.tensor(best, device=tokens.device), bonus_token=predicted[best[-1]])
-
-
-def _kept_nodes(leaf_path: tuple[int, ...], drafted: list[int], chosen: list[int]) -> int:
-    """How many nodes of a root-to-leaf path greedy keeps: the root, then each draft while it equals the base's
-    choice after its parent."""
-    kept = 1
-    while kept < len(leaf_path) and drafted[leaf_path[kept]] == chosen[leaf_path[kept - 1]]:
-        kept += 1
-    return kept
+    accepted = _leading_accepted(tokens[tree.leaf_paths[:, 1:]] == predicted[tree.leaf_paths[:, :-1]], tree)  # (P,)
+    best, length = torch.stack((accepted.argmax(), accepted.max())).tolist()  # one host synchronisation
+    nodes = tree.leaf_paths[best, : length + 1]
+    return Acceptance(nodes=nodes, bonus_token=predicted[nodes[-1]])
 
 
 def _leading_accepted(ok: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:

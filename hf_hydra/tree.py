@@ -140,16 +140,6 @@ class TreeBuffers:
     def max_depth(self) -> int:
         return len(self.levels)
 
-    @functools.cached_property
-    def leaf_node_paths(self) -> tuple[tuple[int, ...], ...]:
-        """`leaf_paths` as host tuples (each the nodes from the root to a leaf, leaves in node order), read from
-        `paths` without touching the device: for walks that would otherwise take many small tensor ops (greedy
-        acceptance). Computed once per buffers object."""
-        node_of = {(): 0} | {path: node + 1 for node, path in enumerate(self.paths)}
-        has_child = {path[:-1] for path in self.paths}
-        leaves = [path for path in node_of if path not in has_child]  # node order
-        return tuple(tuple(node_of[leaf[:k]] for k in range(len(leaf) + 1)) for leaf in leaves)
-
     def to(self, device: torch.device | str) -> TreeBuffers:
         moved = {
             name: getattr(self, name).to(device)

@@ -162,15 +162,6 @@ def test_named_tree_invariants(name: str) -> None:
             assert int(lvl.ranks[j]) < lvl.topk
 
 
-@pytest.mark.parametrize("name", sorted(NAMED_TREES))
-def test_leaf_node_paths_are_leaf_paths_on_the_host(name: str) -> None:
-    """The host copy greedy acceptance walks equals the tensors, on every named tree and its truncations."""
-    full = build_tree_buffers(name, num_heads=4)
-    for tree in [full.truncated(depth) for depth in range(full.max_depth + 1)]:
-        expected = [row[:length].tolist() for row, length in zip(tree.leaf_paths, tree.leaf_path_lengths, strict=True)]
-        assert [list(path) for path in tree.leaf_node_paths] == expected
-
-
 def test_cpu_small_11_is_the_default() -> None:
     assert DEFAULT_TREE_NAME == "cpu_small_11"
     tree = build_tree_buffers("cpu_small_11", num_heads=4)
