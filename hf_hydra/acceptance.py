@@ -113,11 +113,36 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers)
 
     tokens: (T,) drafted tree; logits: (T, V) the base's logits (or processed scores) at each node.
     """
-    predicted = logits.argmax(dim=-1)  # (T,)
+    predicted = row_argmax(logits)  # (T,)
     accepted = _leading_accepted(tokens[tree.leaf_paths[:, 1:]] == predicted[tree.leaf_paths[:, :-1]], tree)  # (P,)
     best, length = torch.stack((accepted.argmax(), accepted.max())).tolist()  # one host synchronisation
     nodes = tree.leaf_paths[best, : length + 1]
     return Acceptance(nodes=nodes, bonus_token=predicted[nodes[-1]])
+
+
+ARGMAX_BLOCK = 128  # entries of a row reduced at once by `row_argmax`
+
+
+def row_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(dim=-1)` of (T, V) scores, bit for bit (the first maximal index; NaN counts as the largest).
+
+    On a CPU, torch's argmax does not vectorise (~80 us per 49k-entry row, most of a greedy acceptance) while its
+    max reduction does: each row's maxima per block of `ARGMAX_BLOCK` entries come first, then the argmax over
+    them finds the first block that holds the row's first maximum, and the argmax inside that block the entry.
+    Entries past the last whole block are compared last, so an earlier index keeps winning ties."""
+    rows, width = scores.shape
+    blocks = width // ARGMAX_BLOCK
+    if scores.device.type != "cpu" or rows < 2 or blocks < 2:
+        return scores.argmax(dim=-1)
+    blocked = scores[:, : blocks * ARGMAX_BLOCK].view(rows, blocks, ARGMAX_BLOCK)  # (T, blocks, block)
+    block = blocked.amax(dim=-1).argmax(dim=-1)  # (T,)
+    row = torch.arange(rows, device=scores.device)
+    index = block * ARGMAX_BLOCK + blocked[row, block].argmax(dim=-1)  # (T,)
+    if blocks * ARGMAX_BLOCK == width:
+        return index
+    tail = blocks * ARGMAX_BLOCK + scores[:, blocks * ARGMAX_BLOCK :].argmax(dim=-1)  # (T,)
+    pair = torch.stack((index, tail), dim=1)  # (T, 2)
+    return pair[row, scores.gather(1, pair).argmax(dim=-1)]
 
 
 def _leading_accepted(ok: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:

@@ -13,6 +13,7 @@ from hf_hydra.acceptance import (
     greedy_accept,
     lossless_accept,
     rejection_residual,
+    row_argmax,
     sample_token,
     typical_accept,
 )
@@ -108,6 +109,28 @@ def test_bonus_is_argmax_of_real_valued_logits() -> None:
     result = greedy_accept(TOKENS, logits, TREE)
     assert result.nodes.tolist() == [0, 1, 3]
     assert int(result.bonus_token) == 2
+
+
+@pytest.mark.parametrize("width", [acceptance.ARGMAX_BLOCK * 3, acceptance.ARGMAX_BLOCK * 3 + 17, 5, 49152])
+def test_row_argmax_is_torch_argmax_bit_for_bit(width: int) -> None:
+    # Few distinct values (ties everywhere, also across blocks and in the tail), NaNs, -inf and rows of -inf only:
+    # the first maximal index, NaN counting as the largest, exactly as torch.argmax.
+    generator = torch.Generator().manual_seed(width)
+    for case in range(40):
+        rows = 1 + case % 12
+        scores = torch.randint(-3, 4, (rows, width), generator=generator).float()
+        if case % 3 == 0:
+            scores[torch.rand(rows, width, generator=generator) < 0.005] = float("nan")
+        if case % 4 == 0:
+            scores[torch.rand(rows, width, generator=generator) < 0.5] = -float("inf")
+        if case % 5 == 0:
+            scores[0] = -float("inf")
+        if case % 6 == 0:
+            scores[-1, -1] = 10.0  # the maximum alone, in the last entry (the tail where there is one)
+        assert torch.equal(row_argmax(scores), scores.argmax(dim=-1)), case
+    signed_zeros = torch.zeros(2, width)
+    signed_zeros[:, : width // 2] = -0.0
+    assert row_argmax(signed_zeros).tolist() == [0, 0]
 
 
 def test_chain_tree() -> None:
