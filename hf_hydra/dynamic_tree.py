@@ -129,9 +129,11 @@ class DynamicTreePolicy:
 
     verify_cost[m - 1]: the cost of verifying m tokens in one base forward, relative to one token (the
     curve `tune-tree` measured, divided by its first entry); its length bounds the tree. overhead: the
-    step's drafting and bookkeeping in the same unit. children: candidates per expanded node; width:
-    nodes expanded per depth; min_score: nodes less likely than this are not expanded nor kept (see
-    `floor`)."""
+    step's drafting and bookkeeping in the same unit. head_call_cost[k]: what one call of head k costs in that
+    unit, and rank_accuracy[k][r]: how often head k's r-th candidate is the base's token given a correct path
+    (`tune-tree`): with both, `expand_heads` skips a depth not expected to pay for its call (`pays_to_call`);
+    without, every depth is called. children: candidates per expanded node; width: nodes expanded per depth;
+    min_score: nodes less likely than this are not expanded nor kept (see `floor`)."""
 
     verify_cost: tuple[float, ...]
     calibration: HeadCalibration = field(default_factory=HeadCalibration.identity)
@@ -139,6 +141,8 @@ class DynamicTreePolicy:
     width: int = 4
     overhead: float = 0.15
     min_score: float = 0.01
+    head_call_cost: tuple[float, ...] = ()
+    rank_accuracy: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.verify_cost) < 2 or self.verify_cost[0] <= 0:
@@ -169,13 +173,33 @@ class DynamicTreePolicy:
             return self
         return dataclasses.replace(self, verify_cost=tuple(shared_verify_cost(self.verify_cost, rows)))
 
-    def best_size(self, sorted_scores: Sequence[float]) -> int:
+    def pays_to_call(self, head: int, chosen_scores: Sequence[float], frontier_scores: Sequence[float]) -> bool:
+        """Whether calling head `head` on the frontier is expected to pay: with its candidates' expected scores (a
+        frontier node's score times the head's rank accuracy, per rank), the best tree must bring more expected
+        tokens per unit of time, the call's cost included, than the best tree without them. chosen_scores: the
+        scores of the nodes `best` keeps so far (root excluded)."""
+        if head >= min(len(self.head_call_cost), len(self.rank_accuracy)):
+            return True
+        accuracy = self.rank_accuracy[head][: self.children]
+        expected = [score * rate for score in frontier_scores for rate in accuracy]
+        with_call = sorted([*chosen_scores, *expected], reverse=True)
+        without_call = sorted(chosen_scores, reverse=True)
+        return self.best_rate(with_call, self.head_call_cost[head]) > self.best_rate(without_call)
+
+    def best_rate(self, sorted_scores: Sequence[float], extra_cost: float = 0.0) -> float:
+        """Expected tokens per unit of time of the best tree over these nodes (`best_size`), a step costing
+        `extra_cost` more."""
+        count = self.best_size(sorted_scores, extra_cost)
+        return (1.0 + sum(sorted_scores[:count])) / (self.verify_cost[count] + self.overhead + extra_cost)
+
+    def best_size(self, sorted_scores: Sequence[float], extra_cost: float = 0.0) -> int:
         """How many of the nodes (scores sorted in decreasing order) to verify: the count maximising
-        (1 + their summed scores) / (verification cost of them and the root + overhead)."""
-        best_count, best_rate, expected = 0, 1.0 / (self.verify_cost[0] + self.overhead), 1.0
+        (1 + their summed scores) / (verification cost of them and the root + overhead + extra_cost)."""
+        fixed = self.overhead + extra_cost
+        best_count, best_rate, expected = 0, 1.0 / (self.verify_cost[0] + fixed), 1.0
         for count, score in enumerate(sorted_scores[: len(self.verify_cost) - 1], start=1):
             expected += score
-            rate = expected / (self.verify_cost[count] + self.overhead)
+            rate = expected / (self.verify_cost[count] + fixed)
             if rate > best_rate:
                 best_count, best_rate = count, rate
         return best_count
@@ -223,12 +247,6 @@ class ScoredNodes:
         ranked = [node for node in ranked if self.scores[node] >= policy.floor]
         return [0, *ranked[: policy.best_size([self.scores[node] for node in ranked])]]
 
-    def marginal_score(self, policy: DynamicTreePolicy) -> float:
-        """The score of the least likely node `best` keeps (infinite when it keeps none): a node below it
-        ranks after every kept one, and so do its descendants (scores never grow along a path)."""
-        chosen = self.best(policy)
-        return min(self.scores[node] for node in chosen[1:]) if len(chosen) > 1 else float("inf")
-
     def tree(self, chosen: list[int], device: torch.device) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
         """Buffers of the chosen nodes (closed under parents, the root first, parents before children), their
         tokens (T,) and which of them only the context proposed (T,) bool, in the buffers' node order."""
@@ -255,11 +273,15 @@ def expand_heads(
 ) -> None:
     """Add the heads' candidates to `nodes` (holding the root and maybe context candidates), depth by depth
     down to `max_depth` (None: as deep as the heads go). Only nodes that `best` would keep so far are
-    expanded: the others' children would rank below every kept node.
+    expanded: the others' children would rank below every kept node. A depth whose candidates cannot pay for
+    the head call (`DynamicTreePolicy.pays_to_call`) ends the expansion.
 
     context: (d,) the heads' context vector at the last verified position."""
     frontier, floor = [0], policy.floor
+    chosen_scores = [nodes.scores[node] for node in nodes.best(policy)[1:]]
     for depth in range(1, min(max_depth if max_depth is not None else heads.num_heads, heads.num_heads) + 1):
+        if not policy.pays_to_call(depth - 1, chosen_scores, [nodes.scores[node] for node in frontier]):
+            return
         if heads.sequential:
             path_tokens = torch.tensor(
                 [[nodes.tokens[n] for n in (0, *nodes.path(node))] for node in frontier], device=context.device
@@ -276,7 +298,9 @@ def expand_heads(
                 score *= nodes.scores[parent]
                 if score >= floor:
                     added.append(nodes.add(parent, token, score, from_context=False))
-        kept = nodes.marginal_score(policy)
+        chosen_scores = [nodes.scores[node] for node in nodes.best(policy)[1:]]
+        kept = min(chosen_scores, default=float("inf"))  # a node below it ranks after every kept one (so do its
+        # children: scores never grow along a path)
         frontier = sorted((n for n in added if nodes.scores[n] >= kept), key=lambda n: -nodes.scores[n])[: policy.width]
         if not frontier:
             return

@@ -263,6 +263,17 @@ class DraftHeads(nn.Module):
     ) -> torch.Tensor:
         return context
 
+    def call_weight_bytes(self, head_index: int) -> int:
+        """Bytes of weights one call of head `head_index` reads as it drafts: its layers and its vocabulary
+        projection, each in the form drafting reads (a packed copy's dtype where there is one)."""
+        head = self.heads[head_index]
+        total = sum(_weight_read_bytes(module) for module in head.modules())
+        if head.output is None:
+            projection = self.packed_shared_output
+            weight = self.shared_output_weight  # (V or K, d)
+            total += weight.numel() * weight.element_size() if projection is None else _weight_read_bytes(projection)
+        return total
+
     def teacher_forced_logits(self, context: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
         """Every head at every position, reading the true next tokens (training).
 
@@ -275,6 +286,19 @@ class DraftHeads(nn.Module):
             [self(i, context, None if future is None else future[:, :, : i + 1]) for i in range(self.num_heads)],
             dim=1,
         )
+
+
+def _weight_read_bytes(module: nn.Module) -> int:
+    """Bytes of the weight a linear layer reads per call, in the dtype it computes with (0 for other modules)."""
+    if isinstance(module, PanelCopyLinear):
+        return module.weight.numel() * module.copy_dtype.itemsize
+    if isinstance(module, nn.Linear):
+        return module.weight.numel() * module.weight.element_size()
+    if isinstance(module, PanelLinear):
+        return module.in_features * module.out_features * module.weight_dtype.itemsize
+    if isinstance(module, PrepackedLinear):
+        return module.in_features * module.out_features * module.compute_dtype.itemsize
+    return 0
 
 
 def _refresh_shared_draft_rows(module: DraftHeads, incompatible_keys) -> None:

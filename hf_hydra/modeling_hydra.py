@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -43,7 +44,7 @@ from .prepack import (
     packable_on_cpu,
     prepack_linear_layers,
 )
-from .roofline import machine_forward_seconds, machine_identity
+from .roofline import linear_weight_bytes, machine_forward_seconds, machine_identity
 from .step_drafts import DEFAULT_SOURCES
 from .support import ASSISTED, TREE, check_options, position_limits
 from .tree import DYNAMIC_TREE, TreeBuffers, TreeSpec, build_tree_buffers, choose_tree, resolve_tree, static_default
@@ -224,6 +225,10 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         if record.get("machine") != machine_identity(kernel):
             seconds = machine_forward_seconds(self.base_lm)
             self.dynamic_tree = dynamic_tree_policy(record, seconds)
+        if self.dynamic_tree is not None:
+            self.dynamic_tree = dataclasses.replace(
+                self.dynamic_tree, head_call_cost=head_call_costs(self), rank_accuracy=_rank_accuracy(record)
+            )
         self.plain_is_faster = _plain_is_faster(record.get("rank_accuracy"), seconds)
         self._fitted = (record["rank_accuracy"], list(seconds)) if record.get("rank_accuracy") else None
 
@@ -626,6 +631,18 @@ def dynamic_tree_policy(record: dict, verify_seconds: list[float] | None = None)
         return None
     calibration = HeadCalibration.from_record(record.get("calibration"))
     return DynamicTreePolicy.from_tuning(verify_seconds or record["verify_seconds"], calibration)
+
+
+def head_call_costs(model: HydraForCausalLM) -> tuple[float, ...]:
+    """Each head's call in one-token base forwards, estimated as the share of weight bytes it reads (on a CPU both
+    stream their weights from memory at about the same rate)."""
+    base_bytes = linear_weight_bytes(model.base_lm)
+    return tuple(model.heads.call_weight_bytes(k) / base_bytes for k in range(model.heads.num_heads))
+
+
+def _rank_accuracy(record: dict) -> tuple[tuple[float, ...], ...]:
+    """The heads' rank accuracy of a tree_tuning.json record (empty where it holds none)."""
+    return tuple(tuple(float(rate) for rate in head) for head in record.get("rank_accuracy") or ())
 
 
 PLAIN_DECODING_OVERHEAD = 0.15  # a step's drafting and bookkeeping, in one-token forwards (as DynamicTreePolicy)

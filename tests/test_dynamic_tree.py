@@ -4,6 +4,7 @@ candidates. The statistical (lossless sampling) case is in test_sampling.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from test_context import _repeating_prompts
 from test_decoding import ARCHS, HEAD_ARCHS, NEW_TOKENS, SMALL_VOCAB, _hydra, _plain, _prompts
 
 from hf_hydra import HydraForCausalLM, hub
+from hf_hydra.cpu_kernels import kernel_library
 from hf_hydra.dynamic_tree import (
     DynamicTreePolicy,
     HeadCalibration,
@@ -20,7 +22,8 @@ from hf_hydra.dynamic_tree import (
     calibrate,
     expand_heads,
 )
-from hf_hydra.roofline import machine_forward_seconds, machine_identity
+from hf_hydra.modeling_hydra import head_call_costs
+from hf_hydra.roofline import linear_weight_bytes, machine_forward_seconds, machine_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,6 +126,50 @@ def test_the_heads_expand_the_most_likely_nodes_with_their_top_candidates(tiny_m
             assert nodes.scores[node] >= level[1]
 
 
+def test_a_head_is_called_only_where_its_expected_candidates_pay_for_the_call() -> None:
+    accuracy = ((0.5, 0.1, 0.05, 0.02),) * 3  # head k's r-th candidate is right this often on a right path
+    policy = dataclasses.replace(FLAT, head_call_cost=(0.05,) * 3, rank_accuracy=accuracy)
+    assert policy.pays_to_call(0, [], [1.0])  # below the root: 0.5 + 0.1 + ... expected tokens for 0.05
+    assert not policy.pays_to_call(2, [0.9, 0.8], [0.05])  # 0.025 + 0.005 ... expected tokens: not worth 0.05
+    assert policy.pays_to_call(2, [0.9, 0.8], [0.6, 0.5])
+    assert FLAT.pays_to_call(2, [0.9, 0.8], [0.001])  # without costs every head is called
+    assert dataclasses.replace(policy, head_call_cost=(0.05,)).pays_to_call(2, [0.9], [0.001])  # nor for a head
+    # without its cost
+
+
+@torch.no_grad()
+def test_the_expansion_stops_at_a_head_call_that_cannot_pay(tiny_model_factory) -> None:
+    model = _hydra(tiny_model_factory, "llama", "hydra")
+    heads, embed = model.heads, model.base_lm.get_input_embeddings()
+    context = torch.randn(model.config.base_hidden_size)
+    accuracy = ((0.5, 0.2, 0.1),) * heads.num_heads
+    free = DynamicTreePolicy((1.0,) * 32, children=3, width=2, min_score=0.0, rank_accuracy=accuracy)
+    for cost, depths in ((0.0, {0, 1, 2, 3}), (0.5, {0, 1}), (5.0, {0})):
+        nodes = ScoredNodes(root_token=1)
+        policy = dataclasses.replace(free, head_call_cost=(cost,) * heads.num_heads)
+        expand_heads(nodes, heads, policy, context, embed, max_depth=3)
+        assert set(nodes.depths) == depths, cost  # 0.5: worth it below the root only (at most 0.8 tokens more)
+
+
+def test_a_head_call_costs_its_share_of_the_weight_bytes(tiny_model_factory) -> None:
+    model = _hydra(
+        tiny_model_factory, "llama", "hydra", vocab_projection="shared_draft_vocab", draft_vocab_size=8,
+        draft_token_ids=torch.arange(8),
+    )  # fmt: skip
+    heads, d = model.heads, model.config.base_hidden_size
+    for k in range(heads.num_heads):
+        layers = 2 * d * (k + 2) * d + (model.config.num_layers - 1) * d * d  # Hydra's first block: two linear
+        # layers from the path's k + 2 vectors; then residual blocks
+        assert heads.call_weight_bytes(k) == 4 * (layers + 8 * d)  # float32, and the 8 shared draft rows
+    costs = head_call_costs(model)
+    base_bytes = linear_weight_bytes(model.base_lm)
+    assert costs == tuple(heads.call_weight_bytes(k) / base_bytes for k in range(heads.num_heads))
+    if kernel_library().library is not None:
+        heads.pack_for_drafting("panel", torch.bfloat16)
+        assert heads.call_weight_bytes(0) == 2 * (2 * d * 2 * d + (model.config.num_layers - 1) * d * d + 8 * d)
+        # what drafting reads: the bfloat16 copies
+
+
 # ------------------------------------------------------------------------------------------------------
 # Greedy output: plain generate's
 
@@ -175,12 +222,17 @@ def test_the_dynamic_tree_is_loaded_with_the_heads_and_asked_for_by_name(tiny_mo
     with pytest.raises(ValueError, match="hf-hydra tune-tree"):
         reloaded.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=4)
     calibration = calibrate([torch.rand(500)] * 4, [torch.rand(500) < 0.2] * 4)
-    tuning = {"verify_seconds": [0.02, 0.021, 0.023, 0.03], "calibration": calibration.to_record()}
+    accuracy = [[0.5, 0.2, 0.1]] * 4
+    tuning = {
+        "verify_seconds": [0.02, 0.021, 0.023, 0.03], "calibration": calibration.to_record(), "rank_accuracy": accuracy
+    }  # fmt: skip
     (tmp_path / "tree_tuning.json").write_text(json.dumps(tuning))
     reloaded = HydraForCausalLM.from_pretrained(tmp_path, base_model=model.base_lm)
     machine = machine_forward_seconds(model.base_lm)  # on a CPU: sized on this machine's curve, not the record's
     assert reloaded.dynamic_tree.verify_cost == pytest.approx(tuple(t / machine[0] for t in machine))
     assert reloaded.dynamic_tree.calibration == calibration
+    assert reloaded.dynamic_tree.rank_accuracy == tuple(map(tuple, accuracy))  # and head calls that must pay
+    assert reloaded.dynamic_tree.head_call_cost == head_call_costs(reloaded)
     out = reloaded.generate(prompt, speculative=True, tree="dynamic", max_new_tokens=8, return_dict_in_generate=True)
     assert torch.equal(out.sequences, _plain(reloaded, prompt, max_new_tokens=8))
 
