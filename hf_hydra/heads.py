@@ -94,11 +94,13 @@ class PrefixLayer(nn.Module):
         self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
     ) -> torch.Tensor:
         """hidden (B, n, d) of n new verified tokens at `position_ids` (B, n) -> (B, n, d). Over a prompt (nothing
-        cached) sdpa runs causally without a mask (no n x n mask in memory); later chunks are a few tokens."""
+        cached) sdpa runs causally without a mask (no n x n mask in memory); later chunks are a few tokens, and a
+        single one sees everything cached: no mask either."""
         past = cache.get_seq_length() if cache is not None else 0
+        new = hidden.shape[1]
         mask = None
-        if past > 0 or attn_implementation(self.layer.self_attn.config) not in CAUSAL_WITHOUT_MASK:
-            mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)  # (1, 1, n, past + n)
+        if new > 1 and (past > 0 or attn_implementation(self.layer.self_attn.config) not in CAUSAL_WITHOUT_MASK):
+            mask = causal_mask(new, past, hidden.dtype, hidden.device)  # (1, 1, n, past + n)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         out = self.layer(
             hidden,
