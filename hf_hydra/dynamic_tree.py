@@ -7,7 +7,8 @@ scores every candidate by its estimated probability of being accepted and verifi
               keep so far are expanded into their `children` most likely tokens (Hydra heads read the tokens
               chosen on each path; Medusa heads give the same candidates below every parent). A head
               candidate's score is its parent's times the head's calibrated probability of that token
-              (`HeadCalibration`).
+              (`HeadCalibration`). A depth is drafted only where the candidates it is expected to add (the
+              frontier's scores times the head's measured rank accuracy) are worth the head call's cost.
     context : candidates copied from earlier in the text join the trie first, with their own estimates (the
               call's acceptance rate per match length, `hf_hydra.context`); a token both propose keeps the
               larger score.
@@ -273,8 +274,8 @@ def expand_heads(
 ) -> None:
     """Add the heads' candidates to `nodes` (holding the root and maybe context candidates), depth by depth
     down to `max_depth` (None: as deep as the heads go). Only nodes that `best` would keep so far are
-    expanded: the others' children would rank below every kept node. A depth whose candidates cannot pay for
-    the head call (`DynamicTreePolicy.pays_to_call`) ends the expansion.
+    expanded: the others' children would rank below every kept node. A depth whose candidates are not expected
+    to pay for the head call (`DynamicTreePolicy.pays_to_call`) ends the expansion.
 
     context: (d,) the heads' context vector at the last verified position."""
     frontier, floor = [0], policy.floor
