@@ -178,14 +178,13 @@ class DynamicTreePolicy:
         """Whether calling head `head` on the frontier is expected to pay: with its candidates' expected scores (a
         frontier node's score times the head's rank accuracy, per rank), the best tree must bring more expected
         tokens per unit of time, the call's cost included, than the best tree without them. chosen_scores: the
-        scores of the nodes `best` keeps so far (root excluded)."""
+        scores of the nodes `best` keeps so far (root excluded), in its decreasing order."""
         if head >= min(len(self.head_call_cost), len(self.rank_accuracy)):
             return True
         accuracy = self.rank_accuracy[head][: self.children]
         expected = [score * rate for score in frontier_scores for rate in accuracy]
         with_call = sorted([*chosen_scores, *expected], reverse=True)
-        without_call = sorted(chosen_scores, reverse=True)
-        return self.best_rate(with_call, self.head_call_cost[head]) > self.best_rate(without_call)
+        return self.best_rate(with_call, self.head_call_cost[head]) > self.best_rate(chosen_scores)
 
     def best_rate(self, sorted_scores: Sequence[float], extra_cost: float = 0.0) -> float:
         """Expected tokens per unit of time of the best tree over these nodes (`best_size`), a step costing
