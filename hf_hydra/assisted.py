@@ -19,6 +19,7 @@ from . import support
 from ._compat import run_assisted_decoding
 from .cache_name import CACHE_NAME
 from .drafting import draft_tree, sample_chain
+from .growing_cache import grow_in_place
 from .heads import DraftHeads
 from .processors import check_processors_supported
 from .tree import build_tree_buffers, chain
@@ -148,6 +149,7 @@ def assisted_decoding(
     check_processors_supported(logits_processor, support.ASSISTED)
     cache = model_kwargs.get(CACHE_NAME)
     support.check_cache(cache, support.ASSISTED)
+    grow_in_place(cache)  # the loop appends a few entries per step: no copy of the whole cache each time
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise support.refuse("masked_prompt", support.ASSISTED)

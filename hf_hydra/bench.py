@@ -34,8 +34,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ._version import __version__
 from .acceptance import TYPICAL
 from .bench_table import AUTOREGRESSIVE
+from .cache_name import cache_argument
 from .decoding import context_speculative_generate
 from .divergence import first_divergence
+from .growing_cache import growing_cache
 from .head_archs import HEAD_ARCHS, HYDRA
 from .modeling_hydra import HydraForCausalLM
 from .prepack import dtype_name, packed_kernel
@@ -44,7 +46,7 @@ from .sequence_steps import STEP_PHASES, SpeculationStats
 from .tree import DYNAMIC_TREE, TreeSpec, resolve_tree, static_default
 
 SCHEMA_VERSION = 1
-AUTOREGRESSIVE_PREPACKED = "autoregressive_prepacked"  # plain `generate` on the prepacked base (with --prepack)
+AUTOREGRESSIVE_PREPACKED = "autoregressive_prepacked"  # plain `generate` on the prepacked base, growing cache
 PROMPT_LOOKUP = "prompt_lookup"
 CONTEXT = "context"  # the tree loop with context candidates only (no heads): `context_speculative_generate`
 ASSISTED = "hydra_assisted"  # the chain candidate generator in transformers' assisted loop
@@ -140,7 +142,8 @@ def method_runners(
     only).
 
     prepacked_base: the base with prepacked linear layers (`hf_hydra.prepack`), on which the heads sit;
-    prompt lookup and `autoregressive_prepacked` then run on it too, `autoregressive` stays on `base`.
+    prompt lookup and `autoregressive_prepacked` then run on it too (on a growing cache, like the default path's
+    plain decoding), `autoregressive` stays on `base` with `generate`'s own cache.
     stock_heads: the same heads sets on the stock `base`, for `<label>-stock`."""
     options = decoding_options(temperature)
     known = (*ALL_METHODS, AUTOREGRESSIVE_PREPACKED) if prepacked_base is not None else ALL_METHODS
@@ -163,10 +166,15 @@ def method_runners(
         if method == AUTOREGRESSIVE:
             runners[method] = lambda ids, n: (base.generate(ids, max_new_tokens=n, **options), None)
         elif method == AUTOREGRESSIVE_PREPACKED:
-            runners[method] = lambda ids, n: (fast_base.generate(ids, max_new_tokens=n, **options), None)
+            runners[method] = lambda ids, n: (
+                fast_base.generate(ids, max_new_tokens=n, **_grown(fast_base), **options),
+                None,
+            )
         elif method == PROMPT_LOOKUP:
             runners[method] = lambda ids, n: (
-                fast_base.generate(ids, max_new_tokens=n, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **options),
+                fast_base.generate(
+                    ids, max_new_tokens=n, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **_grown(fast_base), **options
+                ),
                 None,
             )
         elif method == CONTEXT:
@@ -214,6 +222,12 @@ def _heads_label(method: str, temperature: float | None) -> str:
     if temperature is not None and method.endswith(TYPICAL_SUFFIX):
         return method.removesuffix(TYPICAL_SUFFIX)
     return method.removesuffix(HEADS_ONLY_SUFFIX).removesuffix(STATIC_SUFFIX)
+
+
+def _grown(model: PreTrainedModel) -> dict:
+    """A growing cache (`hf_hydra.growing_cache`) for one plain `generate` call, as the default path's plain
+    decoding uses: the plain methods other than the `autoregressive` reference decode as fast as they can."""
+    return cache_argument(growing_cache(model.config))
 
 
 def _tree_runner(model: PreTrainedModel, options: dict) -> Runner:

@@ -22,6 +22,7 @@ def cache_name(output_class: type[ModelOutput] = CausalLMOutputWithPast) -> str:
 
 
 CACHE_NAME = cache_name()
+CACHE_NAMES = ("cache", "past_key_values")  # what a caller may name the cache argument in the pinned transformers
 
 
 def cache_argument(cache: Cache | None) -> dict[str, Cache | None]:

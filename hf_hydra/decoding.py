@@ -6,9 +6,9 @@
               -> accept (greedy / lossless / typical: a path + bonus)
               -> commit (compact the KV cache, advance the heads' context, stream, check stopping)
 
-`generate()` prepares the generation config, special tokens, a fresh `DynamicCache`, `max_length`,
-logits processors and stopping criteria; this module does the rest for one prompt, and hands a batch of several to
-`batch_decoding`.
+`generate()` prepares the generation config, special tokens, a fresh `DynamicCache` (whose layers the loop turns
+into growing ones, `hf_hydra.growing_cache`), `max_length`, logits processors and stopping criteria; this module
+does the rest for one prompt, and hands a batch of several to `batch_decoding`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .acceptance import acceptance_rule
 from .batch_decoding import BatchRequest, batch_tree_generate, check_batch_request
 from .cache_name import CACHE_NAME, cache_argument
 from .dynamic_tree import DynamicTreePolicy
+from .growing_cache import grow_in_place, growing_cache
 from .heads import DraftHeads
 from .processors import check_processors_supported, next_token_scores
 from .sequence_steps import HydraGenerateOutput, PhaseTimer, SpeculationStats, accept, append_until_stop
@@ -159,8 +160,9 @@ def tree_speculative_generate(
     rule = acceptance_rule(bool(generation_config.do_sample), acceptance, posterior_threshold, posterior_alpha)
     cache = model_kwargs.get(CACHE_NAME)
     if cache is None:  # use_cache=False: speculation verifies against the cache all the same
-        cache = DynamicCache(config=model.config)
+        cache = growing_cache(model.config)
     support.check_cache(cache, support.TREE)
+    grow_in_place(cache)  # the loop appends a few entries per step: no copy of the whole cache each time
     if input_ids.shape[0] > 1:
         check_batch_request(model, model_kwargs, streamer)
         request = BatchRequest(sources, heads, tree, rule, logits_processor, stopping_criteria, generator)

@@ -23,6 +23,7 @@ from .attention import PACKED_GQA_ATTENTION
 from .cache_name import cache_argument
 from .configuration_hydra import SHARED_PROJECTIONS, HydraConfig
 from .cpu_kernels import PanelCopyLinear, PanelLinear
+from .growing_cache import growing_cache
 from .head_archs import HEAD_ARCHS, HYDRA, HYDRA_PLUS_PLUS, MEDUSA, HeadArch
 from .prepack import DEFAULT_BATCH_SIZE_HINT, PrepackedLinear, PrepackReport, packed_kernel, prepack_linear_layers
 from .tree import causal_mask
@@ -242,7 +243,7 @@ class DraftHeads(nn.Module):
 
     def new_context_cache(self) -> DynamicCache | None:
         """The cache `encode_context` needs across decoding steps (the prefix layer's; None when it is stateless)."""
-        return DynamicCache() if self.arch.prefix_layer else None
+        return growing_cache() if self.arch.prefix_layer else None
 
     def forward(
         self, head_index: int, context: torch.Tensor, path_embeds: torch.Tensor | None = None

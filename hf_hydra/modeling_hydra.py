@@ -31,10 +31,11 @@ from ._compat import cached_file_or_none, keep_hydra_generation_fields
 from .acceptance import ACCEPTANCE_RULES, LEGACY_ACCEPTANCE, LOSSLESS
 from .assisted import HydraCandidateGenerator, assisted_decoding
 from .attention import use_packed_gqa_attention
-from .cache_name import CACHE_NAME, cache_argument, output_cache
+from .cache_name import CACHE_NAME, CACHE_NAMES, cache_argument, output_cache
 from .configuration_hydra import DRAFT_VOCAB_PROJECTIONS, HydraConfig
 from .decoding import tree_speculative_generate
 from .dynamic_tree import DynamicTreePolicy, HeadCalibration, shared_verify_cost
+from .growing_cache import growing_cache
 from .head_archs import DEFAULT_HEAD_ARCH
 from .heads import DraftHeads, build_heads
 from .prepack import (
@@ -371,7 +372,7 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
                 return super().generate(inputs, custom_generate=decode, **self._assisted_cache(kwargs), **kwargs)
         if speculative is True and tree is None and self._decodes_plainly(kwargs, _batch_size(inputs, kwargs)):
             with _stop_strings_hidden(defaults, stop_strings_moved):
-                return self.base_lm.generate(inputs, streamer=streamer, **kwargs)
+                return self.base_lm.generate(inputs, streamer=streamer, **self._plain_cache(kwargs), **kwargs)
         drafted = self._drafted_tree(tree, kwargs.get("generation_config") or self.generation_config)
         decode = functools.partial(tree_speculative_generate, heads=self.heads, tree=drafted, streamer=streamer)
         if speculative == "context":
@@ -390,6 +391,17 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
             logger.warning("%s generate(speculative=True) decodes plainly; pass tree= to speculate anyway.", reason)
             self._said_plain.add(reason)
         return True
+
+    def _plain_cache(self, kwargs: dict) -> dict:
+        """The plain fallback decodes on a growing cache (`hf_hydra.growing_cache`: no copy of the whole cache per
+        token), unless the call brings its own cache, asks for a cache implementation or turns caching off."""
+        config = kwargs.get("generation_config") or self.base_lm.generation_config
+        chosen = any(name in kwargs for name in CACHE_NAMES) or kwargs.get(
+            "cache_implementation", config.cache_implementation
+        )
+        if chosen or not kwargs.get("use_cache", config.use_cache):
+            return {}
+        return cache_argument(growing_cache(self.base_lm.config))
 
     def _assisted_cache(self, kwargs: dict) -> dict:
         """transformers makes no cache for this wrapper: the caller's (the loop checks it), else a new

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from .assets import cache_root
 from .cache_name import cache_argument, output_cache
 from .cpu_kernels import source_digest
+from .growing_cache import growing_cache
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ def measure_peak_flops(size: int = 1024, repeats: int = 7) -> float:
 def forward_seconds(
     bases: Mapping[str, PreTrainedModel], max_tokens: int, context_length: int = 300, repeats: int = 7
 ) -> dict[str, list[float]]:
-    """Median seconds of one forward over n = 1..max_tokens new tokens after `context_length` cached, per base.
+    """Median seconds of one forward over n = 1..max_tokens new tokens after `context_length` cached, per base,
+    on a growing cache (`hf_hydra.growing_cache`) as the decoding loops use.
 
     Each round times every base at every size once (after one warm-up round), so a burst of load from
     another process hits a few rounds of everything, not all rounds of one base or size."""
@@ -143,8 +145,11 @@ def forward_seconds(
     prompt = torch.randint(vocab, (1, context_length), generator=generator)
     sizes = range(1, max_tokens + 1)
     tokens = {n: torch.randint(vocab, (1, n), generator=generator) for n in sizes}
-    prefixes = {
-        name: output_cache(base(input_ids=prompt.to(base.device), use_cache=True)) for name, base in bases.items()
+    prefixes = {  # on the cache the decoding loops use
+        name: output_cache(
+            base(input_ids=prompt.to(base.device), **cache_argument(growing_cache(base.config)), use_cache=True)
+        )
+        for name, base in bases.items()
     }
     runs: dict[tuple[str, int], list[float]] = {(name, n): [] for name in bases for n in sizes}
     for _ in tqdm(range(repeats + 1), desc="forward latency", unit="round"):
@@ -218,6 +223,6 @@ def _machine_curve_key(base: PreTrainedModel, max_tokens: int) -> str:
     ]
     identity = [
         dataclasses.asdict(describe_cpu()), torch.get_num_threads(), torch.__version__, transformers.__version__,
-        type(base).__name__, str(base.dtype), layers, max_tokens, source_digest(),
+        type(base).__name__, str(base.dtype), layers, max_tokens, source_digest(), "growing cache",
     ]
     return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:20]

@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import support
 from .cache_name import cache_argument
+from .growing_cache import GrowingLayer
 from .tree import TreeBuffers, batched_tree_attention_mask, tree_attention_mask
 
 
@@ -25,7 +26,8 @@ class Verification:
 
 def check_cache_supported(cache: DynamicCache) -> None:
     """Tree verification rewrites cache entries in place: only plain full-attention layers allow it."""
-    unsupported = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    plain = (DynamicLayer, GrowingLayer)
+    unsupported = {type(layer).__name__ for layer in cache.layers if type(layer) not in plain}
     if unsupported:
         raise support.refuse("cache_layers", support.TREE, f"this model's cache has {sorted(unsupported)}")
 

@@ -16,12 +16,13 @@ from collections.abc import Callable
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedModel, PreTrainedTokenizerFast, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerFast, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_hydra import HydraForCausalLM, HydraGenerateOutput, SpeculationStats, step_drafts
 from hf_hydra.cache_name import CACHE_NAME, cache_argument
+from hf_hydra.growing_cache import GrowingLayer
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma")
 HEAD_ARCHS = ("medusa", "hydra", "hydra++")
@@ -636,9 +637,18 @@ def test_unsupported_requests_are_clear_value_errors(tiny_model_factory, case: s
     assert torch.equal(model.generate(prompt, speculative=True, max_new_tokens=8), plain)
 
 
-def test_a_filled_cache_is_refused(tiny_model_factory) -> None:
-    from transformers import DynamicCache
+@pytest.mark.parametrize("speculative", [True, "assisted"])
+def test_the_loops_decode_on_a_cache_that_grows_in_place(tiny_model_factory, speculative) -> None:
+    """The caller's empty cache (or generate's) gets growing layers, and the output is plain greedy's."""
+    model = _hydra(tiny_model_factory, "llama", "hydra++")
+    prompt = _prompts(SMALL_VOCAB, lengths=(6,))[0]
+    cache = DynamicCache(config=model.base_lm.config)
+    out = model.generate(prompt, speculative=speculative, max_new_tokens=16, **cache_argument(cache))
+    assert torch.equal(out, _plain(model, prompt, max_new_tokens=16))
+    assert [type(layer) for layer in cache.layers] == [GrowingLayer] * model.base_lm.config.num_hidden_layers
 
+
+def test_a_filled_cache_is_refused(tiny_model_factory) -> None:
     model = _hydra(tiny_model_factory, "llama", "hydra")
     prompt = _prompts(SMALL_VOCAB, lengths=(5,))[0]
     cache = DynamicCache(config=model.base_lm.config)

@@ -13,6 +13,7 @@ from test_context import _repeating_prompts
 from test_decoding import ARCHS, HEAD_ARCHS, NEW_TOKENS, SMALL_VOCAB, _hydra, _plain, _prompts
 
 from hf_hydra import HydraForCausalLM, hub
+from hf_hydra.cache_name import output_cache
 from hf_hydra.cpu_kernels import kernel_library
 from hf_hydra.dynamic_tree import (
     DynamicTreePolicy,
@@ -22,6 +23,7 @@ from hf_hydra.dynamic_tree import (
     calibrate,
     expand_heads,
 )
+from hf_hydra.growing_cache import GrowingLayer
 from hf_hydra.modeling_hydra import head_call_costs
 from hf_hydra.roofline import linear_weight_bytes, machine_forward_seconds, machine_identity
 
@@ -285,6 +287,7 @@ def test_where_no_tree_pays_the_default_call_decodes_plainly_and_says_so(tiny_mo
         out = slow.generate(prompt, speculative=True, max_new_tokens=8, return_dict_in_generate=True)
         assert torch.equal(out.sequences, _plain(slow, prompt, max_new_tokens=8))
         assert getattr(out, "speculation", None) is None  # plain generate's output
+        assert all(type(layer) is GrowingLayer for layer in output_cache(out).layers)  # no copy of it per token
     assert caplog.text.count("decodes plainly") == 1  # said once
     asked = slow.generate(prompt, speculative=True, tree="chain", max_new_tokens=8, return_dict_in_generate=True)
     assert asked.speculation.steps > 0  # an explicit tree still speculates
