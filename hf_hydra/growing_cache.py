@@ -3,9 +3,11 @@
 transformers' `DynamicLayer.update` concatenates: every forward copies each layer's whole cache into a new tensor
 to append one token (or a tree of a few). On SmolLM2-135M after 600 cached tokens that is 60 copies of 460 KB per
 forward, about 2.9 ms against 0.6 ms for writing the new entries into room kept behind the cached ones (one
-thread, AVX-512 EPYC), and the gap grows with the context. `GrowingLayer` keeps its keys and values as views of
-larger buffers and writes new entries behind them; only when a buffer is full does it move to one with room for
-`_room(length)` more entries.
+thread, AVX-512 EPYC), and the gap grows with the context. In a whole forward less is saved, as the copy also
+brings the cache into the CPU's caches for attention to read: a one-token forward after 2,000 cached tokens took
+51.6 ms against 54.8, within 1% up to 1,000. `GrowingLayer` keeps its keys and values as views of larger buffers
+and writes new entries behind them; only when a buffer is full does it move to one with room for `_room(length)`
+more entries.
 
 A `GrowingLayer` is a `DynamicLayer` in every other respect: `keys` / `values` are (B, H_kv, S, d) tensors, `crop`
 shortens the views (the buffer keeps its room), and in-place writes into them (the tree loop's compaction of
