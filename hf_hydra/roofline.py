@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -196,22 +197,28 @@ def machine_identity(kernel: str) -> dict:
 
 
 MACHINE_CURVE_TOKENS = 16  # bounds a fitted dynamic tree to 15 nodes; measuring takes seconds, not a minute
+MEASURING_LOCK = ".measuring.lock"  # in the curves folder: held while a process measures a curve
 
 
 def machine_forward_seconds(base: PreTrainedModel, max_tokens: int = MACHINE_CURVE_TOKENS) -> list[float]:
     """This machine's t(n) for n = 1..max_tokens on `base` as loaded (its kernels included), for the trees:
     measured once (a few seconds, three rounds) and then read from ``<cache_root()>/machine_curves/``, keyed by
     the CPU and its flags, the thread count, the torch and transformers versions, the base's layers and the
-    panel kernels' source."""
+    panel kernels' source. Processes measure one at a time (a lock in that folder): two measuring together, such
+    as the shards of a bench started side by side, would each time the other's load into the curve they cache;
+    one that waited reads the curve the other measured, where it is the same."""
     path = cache_root() / "machine_curves" / f"{_machine_curve_key(base, max_tokens)}.json"
     if path.is_file():
         return json.loads(path.read_text())["seconds"]
-    logger.info("Measuring this machine's verification cost for the dynamic tree (once; cached in %s).", path)
-    seconds = forward_seconds({"base": base}, max_tokens, repeats=3)["base"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp-{os.getpid()}")
-    temporary.write_text(json.dumps({"cpu": dataclasses.asdict(describe_cpu()), "seconds": seconds}))
-    os.replace(temporary, path)
+    with FileLock(path.parent / MEASURING_LOCK):
+        if path.is_file():  # measured by the process this one waited for
+            return json.loads(path.read_text())["seconds"]
+        logger.info("Measuring this machine's verification cost for the dynamic tree (once; cached in %s).", path)
+        seconds = forward_seconds({"base": base}, max_tokens, repeats=3)["base"]
+        temporary = path.with_suffix(f".tmp-{os.getpid()}")
+        temporary.write_text(json.dumps({"cpu": dataclasses.asdict(describe_cpu()), "seconds": seconds}))
+        os.replace(temporary, path)
     return seconds
 
 

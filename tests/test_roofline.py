@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from filelock import FileLock
 
 from hf_hydra import roofline
 from hf_hydra.cli import main
@@ -110,3 +113,20 @@ def test_the_machine_curve_is_measured_once_per_base_kernels(tiny_model_factory,
     roofline.machine_forward_seconds(packed, max_tokens=4)
     assert calls == [4, 4]  # other kernels, another curve
     assert len(list((tmp_path / "machine_curves").glob("*.json"))) == 2
+
+
+def test_a_process_waits_for_one_measuring_and_reads_its_curve(tiny_model_factory, tmp_path, monkeypatch) -> None:
+    """Two processes measuring at once would time each other: the second waits on the lock, then finds the curve."""
+    monkeypatch.setenv("HF_HYDRA_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(roofline, "forward_seconds", lambda *args, **kwargs: calls.append(1) or {"base": [9.0]})
+    base = tiny_model_factory("llama", seed=0)
+    curves = tmp_path / "machine_curves"
+    curves.mkdir()
+    measured = json.dumps({"cpu": {}, "seconds": [0.01, 0.02]})
+    with FileLock(curves / roofline.MEASURING_LOCK):  # another process is measuring
+        waiting = ThreadPoolExecutor(1).submit(roofline.machine_forward_seconds, base, 2)
+        time.sleep(0.5)
+        assert not waiting.done()
+        (curves / f"{roofline._machine_curve_key(base, 2)}.json").write_text(measured)  # ... and caches its curve
+    assert waiting.result(timeout=60) == [0.01, 0.02] and calls == []
