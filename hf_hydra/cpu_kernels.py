@@ -39,13 +39,16 @@ from ._compat import tensor_version
 from .assets import cache_root
 
 PANEL = 16  # output columns per panel; must match csrc/packed_linear.c
-# Rows above which torch's kernels beat the panel kernel (measured on an AVX2 EPYC, one thread: 24 rows through
-# the panel kernel 128 ms a SmolLM2 forward, through batched matmul 177): batched matmul over the panels up to
-# MAX_BATCHED_ROWS, beyond (prompt prefill) one matmul on the panels unpacked into a temporary (out, in) weight:
-# a 300-token prefill 1.15x stock, against 2.3x through the panel kernel.
-MAX_PANEL_ROWS = 32
-MAX_BATCHED_ROWS = 64
 ISAS = ("avx2", "avx512")  # the kernels' instruction sets, as named in csrc/packed_linear.c
+# Rows above which torch's kernels beat the panel kernel, per instruction set (None: at no row count measured).
+# AVX2 (an AVX2 EPYC, one thread): 24 rows through the panel kernel 128 ms a SmolLM2 forward, through batched
+# matmul 177; beyond 32 rows batched matmul over the panels up to MAX_BATCHED_ROWS, beyond that (prompt prefill)
+# one matmul on the panels unpacked into a temporary (out, in) weight: a 300-token prefill 1.15x stock, against
+# 2.3x through the panel kernel. AVX-512 (an AVX-512 EPYC, 12-row groups): a SmolLM2 prefill of 33 to 2,000 tokens
+# is faster through the panel kernel than stock at every length, 1.14-1.5x on one thread and 1.08-1.8x on two.
+PANEL_ROW_LIMITS = {"avx2": 32, "avx512": None}
+MAX_BATCHED_ROWS = 64
+COPY_MAX_ROWS = 32  # `PanelCopyLinear` (the draft heads) packs the rows of a decoding step, not a prompt
 _WEIGHT_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # panel weight dtypes, as the kernels are named
 PANEL_WEIGHT_DTYPES = tuple(_WEIGHT_SUFFIX)
 _SOURCE = "packed_linear.c"
@@ -167,6 +170,7 @@ class PanelLinear(nn.Module):
             raise ValueError(f"Panel weights are float32 or bfloat16, not {weight_dtype}.")
         self.out_features, self.in_features = weight.shape
         self.weight_dtype = weight_dtype
+        self.max_panel_rows = PANEL_ROW_LIMITS[library.isa]  # rows beyond go to torch's kernels; None: never
         self.register_buffer("panels", pack_panels(weight, weight_dtype), persistent=False)  # (ceil(out/16), in, 16)
         bias = None if bias is None else bias.detach().to(torch.float32).contiguous()  # (out,)
         self.register_buffer("bias", bias, persistent=False)
@@ -185,7 +189,8 @@ class PanelLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"PanelLinear expects inputs of size {self.in_features}, got shape {tuple(x.shape)}.")
         rows = x.numel() // self.in_features
-        if rows <= MAX_PANEL_ROWS or self.weight_dtype is torch.bfloat16:  # torch has no float32 x bfloat16 matmul
+        few = self.max_panel_rows is None or rows <= self.max_panel_rows
+        if few or self.weight_dtype is torch.bfloat16:  # torch has no float32 x bfloat16 matmul
             return self._panel_rows(x if x.is_contiguous() else x.contiguous(), rows)
         flat = x.reshape(rows, self.in_features)  # (n, in)
         if rows <= MAX_BATCHED_ROWS:  # (panels, n, 16) -> (n, panels * 16)
@@ -247,5 +252,5 @@ class PanelCopyLinear(nn.Linear):
             return False
         return (
             x.dtype is torch.float32 and x.is_cpu and self.weight.dtype is torch.float32 and self.weight.is_cpu
-            and x.numel() <= MAX_PANEL_ROWS * self.in_features
+            and x.numel() <= COPY_MAX_ROWS * self.in_features
         )

@@ -44,6 +44,25 @@ def test_every_row_count(rows: int) -> None:
     _check(nn.Linear(96, 48, bias=False), torch.randn(rows, 96))
 
 
+@pytest.mark.parametrize("rows", [33, 64, 65, 300])
+def test_rows_beyond_the_limit_take_torchs_kernels_on_the_panels(rows: int, monkeypatch) -> None:
+    """Where the panel kernel has a row limit (AVX2: 32), more rows go through batched matmul over the panels, then
+    one matmul on the unpacked weight; on this CPU too, with the limit set."""
+    torch.manual_seed(rows)
+    linear = nn.Linear(96, 45)
+    layer = PanelLinear.from_linear(linear)
+    layer.max_panel_rows = cpu_kernels.PANEL_ROW_LIMITS["avx2"]
+    monkeypatch.setattr(layer, "_panel_rows", lambda *args: pytest.fail("the panel kernel ran"))
+    x = torch.randn(rows, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-4)
+
+
+def test_the_row_limit_is_the_instruction_sets() -> None:
+    layer = PanelLinear.from_linear(nn.Linear(8, 8))
+    assert layer.max_panel_rows == cpu_kernels.PANEL_ROW_LIMITS[kernel_library().isa]
+
+
 @pytest.mark.parametrize("shape", [(96,), (2, 3, 96), (1, 7, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_batched_inputs_and_bias(shape: tuple[int, ...], bias: bool) -> None:
@@ -106,8 +125,8 @@ def test_avx512_and_avx2_kernels_agree_bit_for_bit(rows: int, out_features: int)
 @pytest.mark.parametrize("out_features", [16, 45])
 def test_bfloat16_panels_compute_the_float32_kernel_on_rounded_weights(rows: int, out_features: int) -> None:
     """Widening a bfloat16 weight to float32 is exact, so a bfloat16 panel's outputs are the float32 kernel's on
-    the weights rounded to bfloat16, bit for bit, at any row count (the float32 layer takes torch's kernels beyond
-    32 rows: equal up to rounding there)."""
+    the weights rounded to bfloat16, bit for bit, at any row count (where the float32 layer takes torch's kernels,
+    beyond 32 rows with AVX2: equal up to rounding there)."""
     torch.manual_seed(rows)
     linear = nn.Linear(577, out_features)
     rounded = nn.Linear(577, out_features)
@@ -119,7 +138,8 @@ def test_bfloat16_panels_compute_the_float32_kernel_on_rounded_weights(rows: int
     assert layer.panels.dtype == torch.bfloat16 and "weight_dtype=bfloat16" in repr(layer)
     with torch.no_grad():
         got, expected = layer(x), PanelLinear.from_linear(rounded)(x)
-    if rows <= cpu_kernels.MAX_PANEL_ROWS:
+    limit = PanelLinear.from_linear(rounded).max_panel_rows
+    if limit is None or rows <= limit:
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
