@@ -404,8 +404,8 @@ class HydraForCausalLM(PreTrainedModel, GenerationMixin):
         return cache_argument(growing_cache(self.base_lm.config))
 
     def _assisted_cache(self, kwargs: dict) -> dict:
-        """transformers makes no cache for this wrapper: the caller's (the loop checks it), else a new
-        DynamicCache."""
+        """transformers makes no cache for this wrapper: the caller's, else a new DynamicCache (the loop checks
+        it and makes its layers grow in place)."""
         kwargs.pop("cache_implementation", None)  # "dynamic" at most (check_options)
         cache = kwargs.pop(CACHE_NAME, None)
         return cache_argument(DynamicCache(config=self.base_lm.config) if cache is None else cache)
