@@ -221,6 +221,9 @@ def tree_speculative_generate(
 
     if streamer is not None:
         streamer.end()
+    # a stop inside the last path leaves entries of tokens not returned: keep one per token but the last, as plain
+    # decoding does, so that the cache the caller gets back continues the returned sequence
+    cache.crop(min(0, prompt.length + sequence.shape[1] - input_ids.shape[1] - 1 - cache.get_seq_length()))
     stats = SpeculationStats(
         steps=len(accepted_lengths),
         new_tokens=sequence.shape[1] - input_ids.shape[1],

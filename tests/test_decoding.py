@@ -646,6 +646,7 @@ def test_the_loops_decode_on_a_cache_that_grows_in_place(tiny_model_factory, spe
     out = model.generate(prompt, speculative=speculative, max_new_tokens=16, **cache_argument(cache))
     assert torch.equal(out, _plain(model, prompt, max_new_tokens=16))
     assert [type(layer) for layer in cache.layers] == [GrowingLayer] * model.base_lm.config.num_hidden_layers
+    assert cache.get_seq_length() == out.shape[1] - 1  # every token but the last, as after plain decoding
 
 
 def test_a_filled_cache_is_refused(tiny_model_factory) -> None:
