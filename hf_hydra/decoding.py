@@ -25,7 +25,7 @@ from .acceptance import acceptance_rule
 from .batch_decoding import BatchRequest, batch_tree_generate, check_batch_request
 from .cache_name import CACHE_NAME, cache_argument
 from .dynamic_tree import DynamicTreePolicy
-from .growing_cache import grow_in_place, growing_cache
+from .growing_cache import grow_in_place
 from .heads import DraftHeads
 from .processors import check_processors_supported, next_token_scores
 from .sequence_steps import HydraGenerateOutput, PhaseTimer, SpeculationStats, accept, append_until_stop
@@ -160,7 +160,7 @@ def tree_speculative_generate(
     rule = acceptance_rule(bool(generation_config.do_sample), acceptance, posterior_threshold, posterior_alpha)
     cache = model_kwargs.get(CACHE_NAME)
     if cache is None:  # use_cache=False: speculation verifies against the cache all the same
-        cache = growing_cache(model.config)
+        cache = DynamicCache(config=model.config)
     support.check_cache(cache, support.TREE)
     grow_in_place(cache)  # the loop appends a few entries per step: no copy of the whole cache each time
     if input_ids.shape[0] > 1:

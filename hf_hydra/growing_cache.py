@@ -57,11 +57,10 @@ def _append(current: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | Non
         and new.shape[:-2] == buffer.shape[:-2]
         and new.shape[-1] == buffer.shape[-1]
     )
-    if not fits:
-        joined = torch.cat([current, new], dim=-2) if length else new  # (B, H, S + n, d), dtypes as DynamicLayer's
-        buffer = joined.new_empty((*joined.shape[:-2], total + _room(total), joined.shape[-1]))
-        buffer[..., :total, :] = joined
-        return buffer[..., :total, :], buffer
+    if not fits:  # one copy of the cached entries into a new buffer
+        buffer = new.new_empty((*new.shape[:-2], total + _room(total), new.shape[-1]))
+        if length:
+            buffer[..., :length, :] = current
     buffer[..., length:total, :] = new
     return buffer[..., :total, :], buffer
 
