@@ -121,6 +121,23 @@ def test_avx512_and_avx2_kernels_agree_bit_for_bit(rows: int, out_features: int)
         assert torch.equal(avx512[:1], layer(x[:1]))  # a row's result does not depend on the rows beside it
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [1, 63, 64, 65, 129, 577])
+@pytest.mark.parametrize("rows", [2, 6, 7, 8, 12, 13, 49])
+def test_a_rows_outputs_do_not_depend_on_the_other_rows(rows: int, in_features: int, weight_dtype) -> None:
+    """Whatever the row groups, chunks of the panel (two AVX2 groups) or blocks of rows, each output is the same
+    in-order sum as the row alone gives, bit for bit (rows past the float32 AVX2 limit take torch's kernels)."""
+    torch.manual_seed(rows * 1000 + in_features)
+    layer = PanelLinear(torch.randn(45, in_features), torch.randn(45), weight_dtype=weight_dtype)
+    if weight_dtype is torch.float32 and layer.max_panel_rows is not None and rows > layer.max_panel_rows:
+        pytest.skip("torch's kernels take these rows")
+    x = torch.randn(rows, in_features)
+    with torch.no_grad():
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 6, 7, 12, 13, 32, 40, 300])
 @pytest.mark.parametrize("out_features", [16, 45])
 def test_bfloat16_panels_compute_the_float32_kernel_on_rounded_weights(rows: int, out_features: int) -> None:
