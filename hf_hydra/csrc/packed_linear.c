@@ -6,8 +6,9 @@
  * registers, no horizontal sums: with AVX2 up to 6 rows in 12 ymm registers (2 vector loads and 6 broadcasts per
  * 12 fused multiply-adds), with AVX-512 up to 12 rows in 12 zmm registers (one load of a whole 64-byte line, the
  * broadcasts folded into the multiply-adds). A panel is read from memory once and from cache for each further
- * group (two AVX2 groups take it chunk by chunk, see panel_block). Panels are split over OpenMP threads (torch's runtime: the library is loaded after torch, and both use
- * libgomp.so.1). The AVX-512 functions carry their own target attribute, so one library serves both kinds of CPU.
+ * group (two AVX2 groups take it chunk by chunk, see panel_block). Panels are split over OpenMP threads (torch's
+ * runtime: the library is loaded after torch, and both use libgomp.so.1). The AVX-512 functions carry their own
+ * target attribute, so one library serves both kinds of CPU.
  *
  * Summation order: each output is one float32 sum over k in order with one rounding per fused multiply-add, in
  * both instruction sets, so the AVX2 and AVX-512 kernels agree bit for bit and results differ from MKL's by
@@ -161,8 +162,9 @@ typedef struct {
 #define AVX2_SET(NAME, BYTES)                                                                                     \
     {AVX2_GROUP, BYTES, AVX2_CHUNK, {0, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6}}
 #define AVX512_SET(NAME, BYTES)                                                                                   \
-    {AVX512_GROUP, BYTES, 0, {0, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, NAME##_8,     \
-                           NAME##_9, NAME##_10, NAME##_11, NAME##_12}}
+    {AVX512_GROUP, BYTES, 0,                                                                                      \
+     {0, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, NAME##_8, NAME##_9, NAME##_10,        \
+      NAME##_11, NAME##_12}}
 static const instruction_set AVX2 = AVX2_SET(panel, 4);
 static const instruction_set AVX2_BF16 = AVX2_SET(panel_bf16, 2);
 static const instruction_set AVX512 = AVX512_SET(panel512, 4);
