@@ -40,14 +40,13 @@ from .assets import cache_root
 
 PANEL = 16  # output columns per panel; must match csrc/packed_linear.c
 ISAS = ("avx2", "avx512")  # the kernels' instruction sets, as named in csrc/packed_linear.c
-# Rows above which torch's kernels beat the panel kernel, per instruction set (None: at no row count measured).
-# AVX2 (an AVX2 EPYC, one thread): 24 rows through the panel kernel 128 ms a SmolLM2 forward, through batched
-# matmul 177; beyond 32 rows batched matmul over the panels up to MAX_BATCHED_ROWS, beyond that (prompt prefill)
-# one matmul on the panels unpacked into a temporary (out, in) weight: a 300-token prefill 1.15x stock, against
-# 2.3x through the panel kernel. AVX-512 (an AVX-512 EPYC, 12-row groups): a SmolLM2 prefill of 33 to 2,000 tokens
-# is faster through the panel kernel than stock at every length, 1.14-1.5x on one thread and 1.08-1.8x on two.
-PANEL_ROW_LIMITS = {"avx2": 32, "avx512": None}
-MAX_BATCHED_ROWS = 64
+# Rows above which torch's kernels beat the panel kernel, per instruction set (None: at no row count measured): a
+# prompt's prefill. AVX2 (an AVX2-only EPYC): a SmolLM2 prefill of 33 to 600 tokens through the panel kernel took
+# 0.75-0.94x the time of torch's kernels on the panels, on one thread and two; at 1,000 and 2,000 tokens
+# it was 0.85x / 0.99x on one thread and 1.07x / 1.04x on two, so longer prompts take torch's kernels. AVX-512 (an
+# AVX-512 EPYC, 12-row groups): a SmolLM2 prefill of 33 to 2,000 tokens is faster through the panel kernel than
+# stock at every length, 1.14-1.5x on one thread and 1.08-1.8x on two.
+PANEL_ROW_LIMITS = {"avx2": 600, "avx512": None}
 COPY_MAX_ROWS = 32  # `PanelCopyLinear` (the draft heads) packs the rows of a decoding step, not a prompt
 _WEIGHT_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # panel weight dtypes, as the kernels are named
 PANEL_WEIGHT_DTYPES = tuple(_WEIGHT_SUFFIX)
@@ -199,13 +198,8 @@ class PanelLinear(nn.Module):
         self._check_input(x)
         if few:  # torch has no float32 x bfloat16 matmul: bfloat16 panels take every row count
             return self._panel_rows(x.contiguous(), rows)
-        flat = x.reshape(rows, self.in_features)  # (n, in)
-        if rows <= MAX_BATCHED_ROWS:  # (panels, n, 16) -> (n, panels * 16)
-            out = torch.matmul(flat, self.panels).transpose(0, 1).reshape(rows, -1)[:, : self.out_features]
-            out = out if self.bias is None else out + self.bias
-        else:
-            weight = self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]  # (out, in)
-            out = nn.functional.linear(flat, weight, self.bias)
+        weight = self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]  # (out, in)
+        out = nn.functional.linear(x.reshape(rows, self.in_features), weight, self.bias)  # (n, out)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _check_input(self, x: torch.Tensor) -> None:
