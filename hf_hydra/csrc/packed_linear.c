@@ -182,7 +182,7 @@ static int64_t group_rows(const instruction_set *isa, int64_t remaining) {
  * that many steps instead (4 KB of float32, in L1): every group runs over a chunk while the groups after the first
  * ask for the next one. Each output stays one in-order sum over k: the tile holds it between chunks. Over
  * SmolLM2's layers on an AVX2 EPYC, one thread, that made 7 and 8 rows 15-17% faster and 10 and 12 rows 9%
- * (chunks of 32 or 128 steps gained less); three groups and more (13-32 rows) came out within noise, -10% to +7%,
+ * (chunks of 32 or 128 steps gained less); three groups and more (13-32 rows) came out within noise, -10% to +6%,
  * so only two groups take chunks. The AVX-512 kernels keep 12-row groups over the whole panel, as measured there. */
 static void panel_block(const instruction_set *isa, const float *x, int64_t n, int64_t in, const char *wp,
                         float *tile) {
