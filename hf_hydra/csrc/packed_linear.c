@@ -189,13 +189,15 @@ static void panel_block(const instruction_set *isa, const float *x, int64_t n, i
     const int64_t ahead = PREFETCH_LINES * 64, step_bytes = PANEL * isa->weight_bytes;
     const int chunked = isa->chunk_steps && n > isa->max_group && n <= 2 * isa->max_group;
     const int64_t chunk = chunked ? isa->chunk_steps : in;
-    /* one row streams as fast without asking ahead; in chunks the first group asks twice as far ahead */
+    /* one row streams as fast without asking ahead; whole-panel groups ask 16 lines ahead; in chunks the first
+     * group asks twice as far and the second for the next chunk */
     const int64_t first_ahead = n == 1 ? 0 : chunked ? 2 * ahead : ahead;
+    const int64_t later_ahead = chunked ? chunk * step_bytes : ahead;
     for (int64_t k0 = 0; k0 < in; k0 += chunk) {
         const int64_t steps = in - k0 < chunk ? in - k0 : chunk;
         for (int64_t r = 0, rows; r < n; r += rows) {
             rows = group_rows(isa, n - r);
-            const int64_t prefetch = r == 0 ? first_ahead : chunk * step_bytes;
+            const int64_t prefetch = r == 0 ? first_ahead : later_ahead;
             isa->kernels[rows](x + r * in + k0, in, steps, wp + k0 * step_bytes, prefetch, k0 > 0, tile + r * PANEL,
                                PANEL);
         }
